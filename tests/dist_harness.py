@@ -1,0 +1,60 @@
+"""Run a function on N gloo ranks (spawned processes, as torchrun would start them) and collect
+rank 0's return value."""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import traceback
+
+import torch
+import torch.multiprocessing as mp
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _entry(rank, world_size, port, fn, args, queue):
+    os.environ.update(
+        RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    torch.set_num_threads(1)
+    try:
+        result = fn(*args)
+        if rank == 0:
+            # Serialised to bytes: tensors sent through a torch queue live in shared memory that
+            # disappears when this process exits.
+            buf = io.BytesIO()
+            torch.save(result, buf)
+            queue.put(("ok", buf.getvalue()))
+    except BaseException:
+        queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
+        raise
+
+
+def run_ranks(world_size: int, fn, *args, timeout: float = 300.0):
+    """fn(*args) runs on every rank after the torchrun variables are set; returns rank 0's result."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    port = free_port()
+    procs = [ctx.Process(target=_entry, args=(r, world_size, port, fn, args, queue)) for r in range(world_size)]
+    for p in procs:
+        p.start()
+    try:
+        status, payload = queue.get(timeout=timeout)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.kill()
+    if status != "ok":
+        raise AssertionError(payload)
+    payload = torch.load(io.BytesIO(payload), weights_only=False)
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * world_size, f"rank exit codes {codes}"
+    return payload

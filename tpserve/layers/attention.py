@@ -1,0 +1,31 @@
+"""Attention over this rank's paged KV cache (local heads only)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from tpserve.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_cache
+
+
+class Attention(nn.Module):
+    """q [num_tokens, num_heads * head_dim], k/v [num_tokens, num_kv_heads * head_dim] (per rank)
+    -> [num_tokens, num_heads * head_dim]. Writes the new K/V into the cache first."""
+
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, sliding_window: int | None = None):
+        super().__init__()
+        self.num_heads = num_heads
+        self.num_kv_heads = num_kv_heads
+        self.head_dim = head_dim
+        self.scale = head_dim**-0.5
+        self.sliding_window = sliding_window
+
+    def forward(self, q, k, v, kv_cache: tuple[torch.Tensor, torch.Tensor], meta: AttentionMetadata):
+        num_tokens = q.shape[0]
+        q = q.view(num_tokens, self.num_heads, self.head_dim)
+        k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
+        v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
+        k_cache, v_cache = kv_cache
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = paged_attention_ref(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        return out.reshape(num_tokens, self.num_heads * self.head_dim)

@@ -1,0 +1,186 @@
+"""Tensor-parallel linear layers.
+
+Shapes follow `torch.nn.functional.linear`: weight is [out_features_per_rank, in_features_per_rank].
+Column-parallel layers split output features across ranks (no communication); row-parallel layers
+split input features and all-reduce their partial sums. Each parameter carries a `weight_loader`
+that reads only this rank's slice of the global checkpoint tensor.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tpserve.distributed import TPGroup
+from tpserve.layers.sources import TensorSource, check_shape
+
+
+def shard_range(total: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
+    """(start, size) of rank `tp_rank`'s equal share of `total`, which must divide evenly."""
+    if total % tp_size:
+        raise ValueError(f"size {total} is not divisible by tp_size={tp_size}")
+    size = total // tp_size
+    return tp_rank * size, size
+
+
+class UnquantizedLinearMethod:
+    """Plain floating-point weights. Quantised methods implement the same two calls."""
+
+    name = "none"
+
+    def create_weights(self, layer: "LinearBase", in_features: int, out_features: int, dtype) -> None:
+        weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
+        layer.register_parameter("weight", weight)
+
+    def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        return F.linear(x, layer.weight, bias)
+
+
+class LinearBase(nn.Module):
+    """Common construction: per-rank sizes, the quant method's weights, an optional bias."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        tp: TPGroup,
+        dtype: torch.dtype,
+        quant_method=None,
+    ) -> None:
+        super().__init__()
+        self.tp = tp
+        self.in_features = in_features  # per rank
+        self.out_features = out_features  # per rank
+        self.quant_method = quant_method or UnquantizedLinearMethod()
+        self.quant_method.create_weights(self, in_features, out_features, dtype)
+        for param in self.parameters(recurse=False):
+            param.weight_loader = self.weight_loader
+        if bias:
+            self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
+            self.bias.weight_loader = self.weight_loader
+        else:
+            self.register_parameter("bias", None)
+
+    def weight_loader(self, param: nn.Parameter, source: TensorSource, shard_id=None) -> None:
+        raise NotImplementedError
+
+
+class ReplicatedLinear(LinearBase):
+    """Every rank holds the whole weight (used by small draft models on rank 0)."""
+
+    def __init__(self, in_features, out_features, bias, tp, dtype, quant_method=None):
+        super().__init__(in_features, out_features, bias, tp, dtype, quant_method)
+
+    def weight_loader(self, param, source, shard_id=None):
+        check_shape(source, tuple(param.shape))
+        param.data.copy_(source.read())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+
+class ColumnParallelLinear(LinearBase):
+    """y[:, rank's columns] = x W_rank^T + b_rank. Global weight [out_features, in_features]."""
+
+    def __init__(self, in_features, out_features, bias, tp, dtype, quant_method=None):
+        self.global_out_features = out_features
+        _, out_per_rank = shard_range(out_features, tp.tp_rank, tp.tp_size)
+        super().__init__(in_features, out_per_rank, bias, tp, dtype, quant_method)
+
+    def weight_loader(self, param, source, shard_id=None):
+        expected = (self.global_out_features,) + tuple(param.shape[1:])
+        check_shape(source, expected)
+        start, size = shard_range(self.global_out_features, self.tp.tp_rank, self.tp.tp_size)
+        param.data.copy_(source.read(0, start, start + size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
+
+
+class MergedColumnParallelLinear(ColumnParallelLinear):
+    """Several column-parallel projections of the same input fused into one matmul (gate_up_proj).
+
+    Rank r's weight is the concatenation of rank r's slice of each projection.
+    """
+
+    def __init__(self, in_features, output_sizes: list[int], bias, tp, dtype, quant_method=None):
+        self.output_sizes = list(output_sizes)
+        super().__init__(in_features, sum(output_sizes), bias, tp, dtype, quant_method)
+
+    def weight_loader(self, param, source, shard_id=None):
+        total = self.output_sizes[shard_id]
+        check_shape(source, (total,) + tuple(param.shape[1:]))
+        start, size = shard_range(total, self.tp.tp_rank, self.tp.tp_size)
+        offset = sum(s // self.tp.tp_size for s in self.output_sizes[:shard_id])
+        param.data[offset : offset + size].copy_(source.read(0, start, start + size))
+
+
+class QKVParallelLinear(ColumnParallelLinear):
+    """Fused q/k/v projection. Query heads are split across ranks; kv heads are split when there
+    are at least `tp_size` of them, otherwise replicated so each rank holds the kv head its query
+    heads attend with (GQA/MQA with few kv heads).
+    """
+
+    def __init__(self, hidden_size, head_dim, num_heads, num_kv_heads, bias, tp, dtype, quant_method=None):
+        self.head_dim = head_dim
+        self.total_num_heads = num_heads
+        self.total_num_kv_heads = num_kv_heads
+        self.num_heads = num_heads // tp.tp_size
+        if num_kv_heads >= tp.tp_size:
+            self.num_kv_heads = num_kv_heads // tp.tp_size
+            self.kv_head_start = tp.tp_rank * self.num_kv_heads
+        else:
+            self.num_kv_heads = 1
+            self.kv_head_start = tp.tp_rank // (tp.tp_size // num_kv_heads)
+        self.q_size = self.num_heads * head_dim
+        self.kv_size = self.num_kv_heads * head_dim
+        out_per_rank = self.q_size + 2 * self.kv_size
+        LinearBase.__init__(self, hidden_size, out_per_rank, bias, tp, dtype, quant_method)
+
+    def weight_loader(self, param, source, shard_id=None):
+        if shard_id == "q":
+            total_heads, head_start, offset, size = (
+                self.total_num_heads, self.tp.tp_rank * self.num_heads, 0, self.q_size)
+        elif shard_id in ("k", "v"):
+            total_heads, head_start, size = self.total_num_kv_heads, self.kv_head_start, self.kv_size
+            offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
+        else:
+            raise ValueError(f"unknown qkv shard id {shard_id!r}")
+        check_shape(source, (total_heads * self.head_dim,) + tuple(param.shape[1:]))
+        start = head_start * self.head_dim
+        param.data[offset : offset + size].copy_(source.read(0, start, start + size))
+
+    def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+
+class RowParallelLinear(LinearBase):
+    """y = all_reduce(x_rank W_rank^T) + b. Input [*, in_features/tp]; output [*, out_features]
+    (global). The bias is added once, after the reduction."""
+
+    def __init__(self, in_features, out_features, bias, tp, dtype, quant_method=None, reduce_results=True):
+        self.global_in_features = in_features
+        _, in_per_rank = shard_range(in_features, tp.tp_rank, tp.tp_size)
+        self.reduce_results = reduce_results
+        super().__init__(in_per_rank, out_features, bias, tp, dtype, quant_method)
+
+    def weight_loader(self, param, source, shard_id=None):
+        if param is self.bias:
+            check_shape(source, tuple(param.shape))
+            param.data.copy_(source.read())
+            return
+        check_shape(source, (param.shape[0], self.global_in_features))
+        start, size = shard_range(self.global_in_features, self.tp.tp_rank, self.tp.tp_size)
+        param.data.copy_(source.read(1, start, start + size))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tp.tp_size == 1:
+            return self.quant_method.apply(self, x, self.bias)
+        y = self.quant_method.apply(self, x, None)
+        if self.reduce_results:
+            self.tp.all_reduce(y)
+        if self.bias is not None:
+            y = y + self.bias
+        return y

@@ -1,0 +1,3 @@
+from tpserve.weights.loader import CheckpointError, find_checkpoint_files, load_weights
+
+__all__ = ["CheckpointError", "find_checkpoint_files", "load_weights"]
