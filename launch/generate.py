@@ -16,13 +16,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tpserve.config import CacheConfig, ModelConfig  # noqa: E402
+from tpserve.config import CacheConfig, ConfigError, ModelConfig  # noqa: E402
 from tpserve.distributed import DistEnv, destroy_distributed, init_distributed  # noqa: E402
 from tpserve.engine.model_runner import ModelRunner  # noqa: E402
 from tpserve.engine.offline import GenerationRequest, OfflineGenerator  # noqa: E402
 from tpserve.engine.worker import Driver, run_worker  # noqa: E402
 from tpserve.tokenizer import load_tokenizer  # noqa: E402
-from tpserve.generation_io import read_requests, write_results  # noqa: E402
+from tpserve.generation_io import InputError, read_requests, write_results  # noqa: E402
+from tpserve.weights import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -76,5 +77,14 @@ def main(argv=None) -> int:
         destroy_distributed()
 
 
+def cli(argv=None) -> int:
+    """main() with user errors (bad flag, checkpoint or input) reported as one line, exit code 2."""
+    try:
+        return main(argv)
+    except (ConfigError, CheckpointError, InputError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(cli())
