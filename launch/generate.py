@@ -1,77 +1,62 @@
-"""Offline batch generation.
+"""Offline batch generation through the engine.
 
     torchrun --nproc-per-node N launch/generate.py --model DIR --input IN.jsonl --output OUT.jsonl \
         --max-tokens M --temperature 0 --dtype float32
 
 Runs as a single process without torchrun too. Input lines: {"prompt": "text"} or
-{"prompt_token_ids": [ints]}; output line i: {"index", "prompt_token_ids", "token_ids", "text"
-(when the model has a tokenizer), "finish_reason"}.
+{"prompt_token_ids": [ints]}, optionally with per-request sampling fields (max_tokens,
+temperature, top_k, top_p, min_p, repetition_penalty, presence_penalty, frequency_penalty, seed,
+stop, stop_token_ids, ignore_eos, min_tokens, logprobs). Output line i: {"index",
+"prompt_token_ids", "token_ids", "text" (when the model has a tokenizer), "finish_reason",
+"num_cached_tokens", "logprobs" (when asked)}.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tpserve.config import CacheConfig, ConfigError, ModelConfig  # noqa: E402
+from tpserve.config import ConfigError  # noqa: E402
 from tpserve.distributed import DistEnv, destroy_distributed, init_distributed  # noqa: E402
-from tpserve.engine.model_runner import ModelRunner  # noqa: E402
-from tpserve.engine.offline import GenerationRequest, OfflineGenerator  # noqa: E402
-from tpserve.engine.worker import Driver, run_worker  # noqa: E402
-from tpserve.tokenizer import load_tokenizer  # noqa: E402
+from tpserve.engine.sampling_params import SamplingParams  # noqa: E402
+from tpserve.engine.setup import add_engine_args, build_runtime, engine_args_from  # noqa: E402
+from tpserve.engine.worker import run_worker  # noqa: E402
 from tpserve.generation_io import InputError, read_requests, write_results  # noqa: E402
 from tpserve.weights import CheckpointError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="HF model directory (default: the bundled model)")
     p.add_argument("--input", required=True, help="JSONL file of prompts")
     p.add_argument("--output", required=True, help="JSONL file to write")
-    p.add_argument("--max-tokens", type=int, default=64)
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
-    p.add_argument("--block-size", type=int, default=16)
-    p.add_argument("--num-kv-blocks", type=int, default=None)
-    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes per rank")
+    p.add_argument("--max-tokens", type=int, default=64, help="default max_tokens per request")
+    p.add_argument("--temperature", type=float, default=0.0, help="default temperature (0: greedy)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    add_engine_args(p)
     return p.parse_args(argv)
-
-
-def default_model_dir() -> Path:
-    from tpserve.bundled import DEFAULT_MODEL_DIR
-
-    return DEFAULT_MODEL_DIR
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    model_dir = Path(args.model) if args.model else default_model_dir()
-    model_config = ModelConfig.from_dir(model_dir, args.dtype)
-    cache_config = CacheConfig(
-        block_size=args.block_size, num_blocks=args.num_kv_blocks, cache_memory_bytes=args.kv_cache_memory
-    )
+    engine_args = engine_args_from(args)
     tp = init_distributed(DistEnv.from_environ(), device_type=args.device)
     try:
-        runner = ModelRunner(model_config, cache_config, tp, model_dir)
-        if not tp.is_first:
+        runner, engine = build_runtime(engine_args, tp)
+        if engine is None:
             run_worker(runner)
             return 0
-        driver = Driver(runner)
         try:
-            tokenizer = load_tokenizer(model_dir)
-            prompts = read_requests(args.input, tokenizer, model_config.vocab_size)
-            requests = [
-                GenerationRequest(ids, args.max_tokens, args.temperature, args.seed) for ids in prompts
-            ]
-            results = OfflineGenerator(driver, model_config.eos_token_ids).generate(requests)
+            defaults = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+            requests = read_requests(args.input, defaults)
+            prompts = [r[0].get("prompt", r[0].get("prompt_token_ids")) for r in requests]
+            results = engine.generate(prompts, [r[1] for r in requests])
         finally:
-            driver.shutdown()
-        write_results(args.output, results, tokenizer)
+            engine.shutdown()
+        write_results(args.output, results, with_text=engine.tokenizer is not None)
         return 0
     finally:
         destroy_distributed()
@@ -79,6 +64,7 @@ def main(argv=None) -> int:
 
 def cli(argv=None) -> int:
     """main() with user errors (bad flag, checkpoint or input) reported as one line, exit code 2."""
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         return main(argv)
     except (ConfigError, CheckpointError, InputError, ValueError) as e:

@@ -3,55 +3,56 @@
 from __future__ import annotations
 
 import json
+from dataclasses import asdict, fields, replace
 from pathlib import Path
+
+from tpserve.engine.sampling_params import SamplingParams
+
+SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 
 
 class InputError(ValueError):
     """A line of the input file is malformed; the message names the line and the problem."""
 
 
-def read_requests(path: str | Path, tokenizer, vocab_size: int) -> list[list[int]]:
-    """Prompt token ids for each non-empty line of `path`."""
-    prompts = []
+def read_requests(path: str | Path, defaults: SamplingParams) -> list[tuple[dict, SamplingParams]]:
+    """(prompt, params) for each non-empty line: prompt is {"prompt": str} or
+    {"prompt_token_ids": [int]}; any SamplingParams field on the line overrides `defaults`."""
+    requests = []
     with open(path) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            where = f"{path}:{lineno}"
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
-                raise InputError(f"{path}:{lineno}: not valid JSON ({e})") from None
-            prompts.append(_prompt_ids(obj, tokenizer, vocab_size, f"{path}:{lineno}"))
-    return prompts
+                raise InputError(f"{where}: not valid JSON ({e})") from None
+            if not isinstance(obj, dict):
+                raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+            unknown = set(obj) - SAMPLING_FIELDS - {"prompt", "prompt_token_ids"}
+            if unknown:
+                raise InputError(f"{where}: unknown fields {sorted(unknown)}")
+            if ("prompt" in obj) == ("prompt_token_ids" in obj):
+                raise InputError(f"{where}: needs exactly one of 'prompt' and 'prompt_token_ids'")
+            prompt = {k: obj[k] for k in ("prompt", "prompt_token_ids") if k in obj}
+            params = replace(defaults, **{k: v for k, v in obj.items() if k in SAMPLING_FIELDS})
+            requests.append((prompt, params))
+    return requests
 
 
-def _prompt_ids(obj, tokenizer, vocab_size: int, where: str) -> list[int]:
-    if not isinstance(obj, dict):
-        raise InputError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    if "prompt_token_ids" in obj:
-        ids = obj["prompt_token_ids"]
-        if not isinstance(ids, list) or not all(isinstance(t, int) for t in ids):
-            raise InputError(f"{where}: prompt_token_ids must be a list of integers")
-        bad = [t for t in ids if not 0 <= t < vocab_size]
-        if bad:
-            raise InputError(f"{where}: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
-    elif "prompt" in obj:
-        if tokenizer is None:
-            raise InputError(f"{where}: text prompt given but the model directory has no tokenizer; "
-                             "use prompt_token_ids")
-        ids = tokenizer.encode(obj["prompt"])
-    else:
-        raise InputError(f"{where}: needs a 'prompt' or 'prompt_token_ids' field")
-    if not ids:
-        raise InputError(f"{where}: prompt is empty")
-    return list(ids)
+def result_line(index: int, result, with_text: bool) -> dict:
+    out = {"index": index, "prompt_token_ids": result.prompt_token_ids, "token_ids": result.token_ids}
+    if with_text:
+        out["text"] = result.text
+    out["finish_reason"] = result.finish_reason
+    out["num_cached_tokens"] = result.num_cached_tokens
+    if result.logprobs:
+        out["logprobs"] = [asdict(lp) for lp in result.logprobs]
+    return out
 
 
-def write_results(path: str | Path, results, tokenizer) -> None:
+def write_results(path: str | Path, results, with_text: bool) -> None:
     with open(path, "w") as f:
         for i, res in enumerate(results):
-            out = {"index": i, "prompt_token_ids": res.prompt_token_ids, "token_ids": res.token_ids}
-            if tokenizer is not None:
-                out["text"] = tokenizer.decode(res.token_ids, skip_special_tokens=True)
-            out["finish_reason"] = res.finish_reason
-            f.write(json.dumps(out) + "\n")
+            f.write(json.dumps(result_line(i, res, with_text)) + "\n")

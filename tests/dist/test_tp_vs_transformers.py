@@ -22,7 +22,9 @@ def _rank_main(model_dir, seqs, prompts):
     from tpserve.config import CacheConfig, ModelConfig
     from tpserve.distributed import init_distributed
     from tpserve.engine.model_runner import ModelRunner
-    from tpserve.engine.offline import GenerationRequest, OfflineGenerator
+    from tpserve.engine.engine import LLMEngine
+    from tpserve.engine.sampling_params import SamplingParams
+    from tpserve.engine.scheduler import SchedulerConfig
     from tpserve.engine.step import SeqWork, StepPlan
     from tpserve.engine.worker import Driver, run_worker
 
@@ -48,8 +50,11 @@ def _rank_main(model_dir, seqs, prompts):
         plan = StepPlan([SeqWork(i, [s[pos]], len(s) + pos, tables[i]) for i, s in enumerate(seqs)])
         for i, row in enumerate(driver.step(plan)):
             logits[i].append(row)
-    gen = OfflineGenerator(driver, cfg.eos_token_ids)
-    results = gen.generate([GenerationRequest(p, GEN_TOKENS) for p in prompts])
+    # The tables above were sent in full each step; drop them before the engine reuses blocks.
+    driver.step(StepPlan(finished=list(range(len(seqs)))))
+    engine = LLMEngine(driver, cfg.vocab_size, runner.num_blocks, runner.block_size,
+                       SchedulerConfig(max_model_len=cfg.max_position_embeddings), eos_token_ids=cfg.eos_token_ids)
+    results = engine.generate(prompts, SamplingParams(max_tokens=GEN_TOKENS, temperature=0.0))
     driver.shutdown()
     return {
         "logits": [torch.stack(rows) for rows in logits],

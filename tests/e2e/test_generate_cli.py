@@ -77,7 +77,7 @@ def test_text_prompt_without_tokenizer_is_a_clear_error(setup):
                  "--output", str(work / "x.jsonl"), "--max-tokens", "4"])
     assert proc.returncode == 2
     assert "error: " in proc.stderr and "Traceback" not in proc.stderr
-    assert "text prompt given but the model directory has no tokenizer" in proc.stderr
+    assert "text prompt given but the model has no tokenizer" in proc.stderr
 
 
 def test_request_over_max_length_is_a_clear_error(setup):
@@ -85,4 +85,4 @@ def test_request_over_max_length_is_a_clear_error(setup):
     proc = _run([sys.executable, GENERATE, "--model", str(model_dir), "--input", str(inp),
                  "--output", str(work / "y.jsonl"), "--max-tokens", "600"])
     assert proc.returncode == 2
-    assert "exceeds the model's max length 512" in proc.stderr
+    assert "exceeds the max model length 512" in proc.stderr

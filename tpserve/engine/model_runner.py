@@ -34,6 +34,7 @@ class ModelRunner:
         tp: TPGroup,
         model_dir: str | Path,
         show_progress: bool = True,
+        max_num_batched_tokens: int = 2048,
     ) -> None:
         self.model_config = model_config
         self.cache_config = cache_config
@@ -42,8 +43,16 @@ class ModelRunner:
         self.model = build_model(model_config, tp)
         load_weights(self.model, model_dir, show_progress=show_progress and tp.is_first)
         self.block_size = cache_config.block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.block_tables: dict[int, list[int]] = {}
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        if tp.is_first:
+            logger.info(
+                "KV cache: %d blocks x %d tokens = %d tokens per rank (%.1f MiB per rank)",
+                self.num_blocks, self.block_size, self.num_tokens_capacity,
+                self.num_blocks * self.cache_block_bytes / 2**20,
+            )
 
     # --- KV cache -----------------------------------------------------------------------------
     @property
@@ -75,10 +84,30 @@ class ModelRunner:
             num_blocks = int(t.item())
         return num_blocks
 
+    @property
+    def num_tokens_capacity(self) -> int:
+        return self.num_blocks * self.block_size
+
     def _cuda_cache_budget(self) -> int:
-        free, total = torch.cuda.mem_get_info(self.device)
-        reserve = int(total * (1.0 - self.cache_config.gpu_memory_utilization))
-        return max(0, free - reserve)
+        """GPU bytes left for the KV cache: the utilisation target minus the weights and the peak
+        activation memory of a profiling forward at the full per-step token budget."""
+        from tpserve.engine.step import SeqWork, StepPlan
+
+        num_tokens = min(self.max_num_batched_tokens, self.model_config.max_position_embeddings)
+        num_profile_blocks = -(-num_tokens // self.block_size)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.kv_caches = self._allocate_kv_cache(num_profile_blocks)
+        profile_cache_bytes = num_profile_blocks * self.cache_block_bytes
+        plan = StepPlan([SeqWork(-1, [0] * num_tokens, 0, block_table=list(range(num_profile_blocks)))])
+        self.execute(plan)
+        self.block_tables.pop(-1, None)
+        torch.cuda.synchronize(self.device)
+        peak = torch.cuda.max_memory_allocated(self.device) - profile_cache_bytes
+        self.kv_caches = []
+        torch.cuda.empty_cache()
+        _, total = torch.cuda.mem_get_info(self.device)
+        return max(0, int(total * self.cache_config.gpu_memory_utilization) - peak)
 
     def _allocate_kv_cache(self, num_blocks: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
         attn = self.model.model.layers[0].self_attn.attn
@@ -92,36 +121,50 @@ class ModelRunner:
         return caches
 
     # --- inputs -------------------------------------------------------------------------------
-    def prepare(self, plan: StepPlan):
-        """Returns (input_ids [T], positions [T], AttentionMetadata, sample_indices [S])."""
-        bs = self.block_size
-        input_ids, positions, slots, query_start, seq_lens, sample_idx = [], [], [], [0], [], []
-        max_blocks = 1
+    def apply_block_diffs(self, plan: StepPlan) -> None:
+        """Bring this rank's copy of every block table up to date with rank 0's."""
+        for seq_id in plan.finished:
+            self.block_tables.pop(seq_id, None)
         for seq in plan.seqs:
+            if seq.block_table is not None:
+                self.block_tables[seq.seq_id] = list(seq.block_table)
+                continue
+            table = self.block_tables[seq.seq_id]
+            if seq.num_blocks_kept is not None:
+                del table[seq.num_blocks_kept :]
+            table.extend(seq.new_blocks)
+
+    def prepare(self, plan: StepPlan):
+        """Returns (input_ids [T], positions [T], AttentionMetadata, logits_indices [L])."""
+        self.apply_block_diffs(plan)
+        bs = self.block_size
+        input_ids, positions, slots, query_start, seq_lens, logits_idx = [], [], [], [0], [], []
+        tables = [self.block_tables[seq.seq_id] for seq in plan.seqs]
+        for seq, table in zip(plan.seqs, tables):
             start = seq.num_computed_tokens
             end = start + len(seq.token_ids)
-            if end > len(seq.block_table) * bs:
+            if end > len(table) * bs:
                 raise ValueError(
                     f"sequence {seq.seq_id}: {end} tokens need {-(-end // bs)} blocks, "
-                    f"block table has {len(seq.block_table)}"
+                    f"block table has {len(table)}"
                 )
             input_ids.extend(seq.token_ids)
             positions.extend(range(start, end))
-            slots.extend(seq.block_table[p // bs] * bs + p % bs for p in range(start, end))
+            slots.extend(table[p // bs] * bs + p % bs for p in range(start, end))
             query_start.append(len(input_ids))
             seq_lens.append(end)
-            max_blocks = max(max_blocks, len(seq.block_table))
             if seq.sample:
-                sample_idx.append(len(input_ids) - 1)
-        tables = torch.zeros(len(plan.seqs), max_blocks, dtype=torch.int32)
-        for i, seq in enumerate(plan.seqs):
-            tables[i, : len(seq.block_table)] = torch.tensor(seq.block_table, dtype=torch.int32)
+                logits_idx.extend(range(len(input_ids) - seq.num_logits, len(input_ids)))
+        max_blocks = max(len(t) for t in tables)
+        table_tensor = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
+        for i, table in enumerate(tables):
+            table_tensor[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
             query_start_loc=torch.tensor(query_start, dtype=torch.int32, device=dev),
             seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=dev),
-            block_tables=tables.to(dev),
+            block_tables=table_tensor.to(dev),
             query_start_loc_cpu=query_start,
             seq_lens_cpu=seq_lens,
             max_query_len=max(b - a for a, b in zip(query_start, query_start[1:])),
@@ -129,13 +172,17 @@ class ModelRunner:
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
-        return ids, pos, meta, torch.tensor(sample_idx, dtype=torch.int64, device=dev)
+        return ids, pos, meta, torch.tensor(logits_idx, dtype=torch.int64, device=dev)
 
     # --- forward ------------------------------------------------------------------------------
     @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor | None:
-        """Run one step. Returns float32 logits [num_sampled_seqs, vocab_size] on rank 0, else None."""
-        ids, pos, meta, sample_idx = self.prepare(plan)
+        """Run one step. Returns float32 logits [num_logit_rows, vocab_size] on rank 0 (rows in
+        plan order), None on other ranks and for a plan with no sequences."""
+        if not plan.seqs:
+            self.apply_block_diffs(plan)
+            return None
+        ids, pos, meta, logits_idx = self.prepare(plan)
         hidden = self.model(ids, pos, self.kv_caches, meta)
-        logits = self.model.compute_logits(hidden[sample_idx])
+        logits = self.model.compute_logits(hidden[logits_idx])
         return None if logits is None else logits.float()

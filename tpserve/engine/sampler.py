@@ -1,0 +1,145 @@
+"""Rank 0's sampler: per-request logits processing and seeded sampling over a batch.
+
+Processing order (as in HF generate): repetition penalty, presence/frequency penalties, the
+min_tokens ban on stop tokens, temperature, top-k, top-p, min-p. Sampling draws by the exponential
+race (argmax of p / E, E ~ Exp(1)), which is an exact categorical sample; a seeded request draws
+its E from its own generator, so its tokens do not depend on its batch mates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tpserve.engine.sequence import Sequence
+
+NEG_INF = float("-inf")
+
+
+@dataclass
+class TokenLogprobs:
+    """Logprob of the chosen token and the top-n alternatives, from the raw model distribution."""
+
+    token_id: int
+    logprob: float
+    top: list[tuple[int, float]]
+
+
+def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if p.repetition_penalty != 1.0:
+            ids = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.int64, device=logits.device)
+            scores = logits[row, ids]
+            scores = torch.where(scores < 0, scores * p.repetition_penalty, scores / p.repetition_penalty)
+            logits[row, ids] = scores
+        if p.presence_penalty or p.frequency_penalty:
+            out = seq.output_token_ids
+            if out:
+                ids, counts = torch.tensor(out, device=logits.device).unique(return_counts=True)
+                logits[row, ids] -= p.frequency_penalty * counts.to(logits.dtype) + p.presence_penalty
+    return logits
+
+
+def ban_stop_tokens(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> torch.Tensor:
+    for row, seq in enumerate(seqs):
+        p = seq.params
+        if seq.num_output_tokens < p.min_tokens:
+            banned = list(p.stop_token_ids) + ([] if p.ignore_eos else list(eos_token_ids))
+            if banned:
+                logits[row, banned] = NEG_INF
+    return logits
+
+
+def top_k_mask(logits: torch.Tensor, top_k: torch.Tensor) -> torch.Tensor:
+    """top_k [B] int (0 or -1: off)."""
+    vocab = logits.shape[-1]
+    k = torch.where(top_k > 0, top_k, vocab).clamp(max=vocab)
+    sorted_desc = logits.sort(dim=-1, descending=True).values
+    kth = sorted_desc.gather(-1, (k - 1).unsqueeze(-1))
+    return logits.masked_fill(logits < kth, NEG_INF)
+
+
+def top_p_mask(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Keep the smallest set of most likely tokens whose probability reaches top_p [B]."""
+    sorted_logits, order = logits.sort(dim=-1, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= (1 - top_p).unsqueeze(-1)
+    remove[:, -1] = False
+    mask = remove.scatter(-1, order, remove)
+    return logits.masked_fill(mask, NEG_INF)
+
+
+def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    probs = logits.softmax(dim=-1)
+    threshold = probs.max(dim=-1, keepdim=True).values * min_p.unsqueeze(-1)
+    return logits.masked_fill(probs < threshold, NEG_INF)
+
+
+def process_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> torch.Tensor:
+    """logits [B, V] float32 (not modified) -> processed logits; greedy rows skip temperature."""
+    logits = apply_penalties(logits.clone(), seqs)
+    logits = ban_stop_tokens(logits, seqs, eos_token_ids)
+    params = [s.params for s in seqs]
+    dev = logits.device
+    temps = torch.tensor([p.temperature if p.temperature > 0 else 1.0 for p in params], device=dev)
+    logits = logits / temps.unsqueeze(-1)
+    if any(p.top_k > 0 for p in params):
+        logits = top_k_mask(logits, torch.tensor([p.top_k for p in params], device=dev))
+    if any(p.top_p < 1.0 for p in params):
+        logits = top_p_mask(logits, torch.tensor([p.top_p for p in params], device=dev))
+    if any(p.min_p > 0.0 for p in params):
+        logits = min_p_mask(logits, torch.tensor([p.min_p for p in params], device=dev))
+    return logits
+
+
+class Sampler:
+    def __init__(self, eos_token_ids: tuple[int, ...] = (), seed: int = 0) -> None:
+        self.eos_token_ids = tuple(eos_token_ids)
+        self.generator = torch.Generator().manual_seed(seed)
+        self._seq_generators: dict[int, torch.Generator] = {}
+
+    def generator_for(self, seq: Sequence) -> torch.Generator:
+        """The request's own generator (seeded requests) or the engine's shared one."""
+        if seq.params.seed is None:
+            return self.generator
+        gen = self._seq_generators.get(seq.seq_id)
+        if gen is None:
+            gen = self._seq_generators[seq.seq_id] = torch.Generator().manual_seed(seq.params.seed)
+        return gen
+
+    def release(self, seq_id: int) -> None:
+        self._seq_generators.pop(seq_id, None)
+
+    def exponentials(self, seqs: list[Sequence], vocab_size: int) -> torch.Tensor:
+        """[B, V] Exp(1) draws, each row from its sequence's generator."""
+        return torch.stack([torch.empty(vocab_size).exponential_(generator=self.generator_for(s)) for s in seqs])
+
+    def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
+        """logits [B, V] float32 for the last position of each sequence -> one token each."""
+        processed = process_logits(logits, seqs, self.eos_token_ids)
+        tokens = processed.argmax(dim=-1)
+        sampled_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if sampled_rows:
+            rows = torch.tensor(sampled_rows)
+            probs = processed[rows].softmax(dim=-1)
+            noise = self.exponentials([seqs[i] for i in sampled_rows], logits.shape[-1]).to(probs.device)
+            tokens[rows] = (probs / noise).argmax(dim=-1)
+        token_list = tokens.tolist()
+        return token_list, self._logprobs(logits, seqs, token_list)
+
+    @staticmethod
+    def _logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprobs | None]:
+        wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        result: list[TokenLogprobs | None] = [None] * len(seqs)
+        if not wanted:
+            return result
+        logp = logits[wanted].log_softmax(dim=-1)
+        n = max(seqs[i].params.logprobs for i in wanted)
+        top_vals, top_ids = logp.topk(max(n, 1), dim=-1)
+        for j, i in enumerate(wanted):
+            k = seqs[i].params.logprobs
+            top = list(zip(top_ids[j, :k].tolist(), top_vals[j, :k].tolist()))
+            result[i] = TokenLogprobs(tokens[i], float(logp[j, tokens[i]]), top)
+        return result
