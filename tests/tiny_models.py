@@ -61,3 +61,28 @@ def load_hf(model_dir: str | Path):
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+
+
+def build_tiny_model_with_tokenizer(out_dir: str | Path, seed: int = 0) -> Path:
+    """A tiny random Llama (GQA) whose vocabulary is the bundled tokenizer's, so text prompts,
+    stop strings and text-only protocols can be tested. Skips when the tokenizer is absent."""
+    import shutil
+
+    import pytest
+
+    from tpserve.bundled import DEFAULT_MODEL_DIR
+
+    out = Path(out_dir) / "llama_tok"
+    if (out / "config.json").is_file():
+        return out
+    if not (DEFAULT_MODEL_DIR / "tokenizer.model").is_file():
+        pytest.skip(f"bundled tokenizer not built in {DEFAULT_MODEL_DIR}")
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(hf_config("llama", vocab_size=4096), dtype=torch.float32)
+    model.save_pretrained(out, max_shard_size="200KB")
+    for name in ("tokenizer.model", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (DEFAULT_MODEL_DIR / name).is_file():
+            shutil.copy(DEFAULT_MODEL_DIR / name, out / name)
+    return out

@@ -87,23 +87,41 @@ class LLMEngine:
         params: SamplingParams | None = None,
     ) -> None:
         """Queue a request. Raises RequestRejected / SamplingError (naming value and limit)."""
+        self.add_sequence(self.make_sequence(request_id, prompt, prompt_token_ids, params))
+
+    def make_sequence(
+        self,
+        request_id: str,
+        prompt: str | None = None,
+        prompt_token_ids: list[int] | None = None,
+        params: SamplingParams | None = None,
+    ) -> Sequence:
+        """Validate a request and build its sequence without touching engine state, so a front
+        end thread can reject bad requests while the engine thread keeps stepping."""
         params = params or SamplingParams()
-        if request_id in self._requests:
-            raise RequestRejected(f"request id {request_id!r} is already in use")
         ids = self._prompt_ids(prompt, prompt_token_ids)
         params.validate(self.vocab_size)
         if params.stop and self.tokenizer is None:
             raise SamplingError("stop strings need a tokenizer; this model directory has none")
         seq = Sequence(next(self._seq_ids), request_id, ids, params)
+        self.scheduler.check_feasible(seq)
+        return seq
+
+    def add_sequence(self, seq: Sequence) -> None:
+        """Engine thread only: start scheduling a sequence made by `make_sequence`."""
+        if seq.request_id in self._requests:
+            raise RequestRejected(f"request id {seq.request_id!r} is already in use")
         self.scheduler.add(seq)
-        self._requests[request_id] = seq
+        self._requests[seq.request_id] = seq
         if self.tokenizer is not None:
-            self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, ids, params.stop)
+            self._detok[seq.seq_id] = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, seq.params.stop)
 
     def _prompt_ids(self, prompt, prompt_token_ids) -> list[int]:
         if (prompt is None) == (prompt_token_ids is None):
             raise RequestRejected("give exactly one of a text prompt and prompt token ids")
         if prompt is not None:
+            if not prompt:
+                raise RequestRejected("prompt is empty")
             if self.tokenizer is None:
                 raise RequestRejected("text prompt given but the model has no tokenizer; send token ids")
             ids = self.tokenizer.encode(prompt)
@@ -127,6 +145,10 @@ class LLMEngine:
 
     def has_unfinished_requests(self) -> bool:
         return bool(self._requests) or bool(self._pending)
+
+    @property
+    def request_ids(self) -> list[str]:
+        return list(self._requests)
 
     # --- stepping -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:

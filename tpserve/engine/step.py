@@ -40,6 +40,12 @@ class StepPlan:
 
 
 @dataclass
+class Heartbeat:
+    """Sent while rank 0 is idle, so that workers blocked on the cpu group notice a dead rank 0
+    within the group timeout instead of waiting forever."""
+
+
+@dataclass
 class Shutdown:
     """Tells worker ranks to leave their loop cleanly."""
 

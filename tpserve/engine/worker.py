@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from tpserve.engine.model_runner import ModelRunner
-from tpserve.engine.step import Shutdown, StepPlan
+from tpserve.engine.step import Heartbeat, Shutdown, StepPlan
 
 
 def run_worker(runner: ModelRunner) -> None:
@@ -14,6 +14,8 @@ def run_worker(runner: ModelRunner) -> None:
         msg = tp.broadcast_object(None)
         if isinstance(msg, Shutdown):
             return
+        if isinstance(msg, Heartbeat):
+            continue
         if not isinstance(msg, StepPlan):
             raise TypeError(f"worker rank {tp.tp_rank} got an unknown control message {type(msg).__name__}")
         runner.execute(msg)
@@ -29,6 +31,9 @@ class Driver:
     def step(self, plan: StepPlan):
         self.runner.tp.broadcast_object(plan)
         return self.runner.execute(plan)
+
+    def heartbeat(self) -> None:
+        self.runner.tp.broadcast_object(Heartbeat())
 
     def shutdown(self, reason: str = "shutdown") -> None:
         self.runner.tp.broadcast_object(Shutdown(reason))

@@ -1,0 +1,126 @@
+"""Serve a model over gRPC with tensor parallelism.
+
+    torchrun --nproc-per-node N launch/serve.py [--model DIR] [--host H] [--port 50051] \
+        [--served-model-name NAME] [engine flags as in generate.py]
+
+Rank 0 serves tpserve.v1.Generation, the KServe Open Inference Protocol, grpc.health.v1 and
+reflection, and runs the engine loop; the other ranks run the worker loop. SIGTERM drains: readiness
+turns NOT_SERVING, new requests are refused, in-flight ones finish within --shutdown-timeout, then
+every rank exits 0. If any rank fails, rank 0 ends open streams with UNAVAILABLE and every rank
+exits non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from tpserve.config import ConfigError  # noqa: E402
+from tpserve.distributed import DistEnv, destroy_distributed, init_distributed  # noqa: E402
+from tpserve.engine.setup import add_engine_args, build_runtime, engine_args_from  # noqa: E402
+from tpserve.engine.worker import run_worker  # noqa: E402
+from tpserve.weights import CheckpointError  # noqa: E402
+
+logger = logging.getLogger("tpserve.serve")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--host", default="0.0.0.0")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--served-model-name", default=None, help="default: the model directory's name")
+    p.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
+    p.add_argument("--max-message-bytes", type=int, default=16 * 2**20, help="largest gRPC message accepted")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait before failing")
+    p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    add_engine_args(p)
+    return p.parse_args(argv)
+
+
+def serve_rank0(args, tp) -> int:
+    from tpserve.server.app import FrontEnd
+    from tpserve.server.engine_loop import EngineLoop
+    from tpserve.server.state import DRAINING, FAILED, SERVING, STOPPED, ServerState
+    from tpserve.v1 import generation_pb2 as pb
+
+    engine_args = engine_args_from(args)
+    name = args.served_model_name or Path(engine_args.model).name
+    state = ServerState(name)
+    front = FrontEnd(state, args.host, args.port, args.max_message_bytes)
+    front.start()
+    drain_requested = []
+
+    def on_signal(signum, frame):
+        logger.info("received signal %d: draining", signum)
+        drain_requested.append(signum)
+        if state.engine_loop is not None:
+            state.engine_loop.begin_drain(args.shutdown_timeout)
+            front.set_phase(DRAINING)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    _, engine = build_runtime(engine_args, tp)
+    loop = EngineLoop(engine, args.max_queued_requests)
+    state.tokenizer = engine.tokenizer
+    state.block_size = engine.block_manager.block_size
+    state.model_info = pb.GetModelInfoResponse(
+        served_model_name=name, architecture=engine_args_model_arch(engine_args.model),
+        max_model_len=engine.scheduler.config.max_model_len, vocab_size=engine.vocab_size, tp_size=tp.tp_size,
+        quantization="none", dtype=str(engine.driver.runner.model_config.dtype).removeprefix("torch."),
+        has_tokenizer=engine.tokenizer is not None)
+    state.engine_loop = loop
+    front.set_phase(SERVING)
+    if drain_requested:
+        loop.begin_drain(args.shutdown_timeout)
+        front.set_phase(DRAINING)
+    code = loop.run()
+    if code != 0:
+        front.set_phase(FAILED)
+        front.stop(grace_s=1.0)
+        logging.shutdown()
+        os._exit(code)  # peers may be gone: do not wait on process-group teardown
+    front.set_phase(STOPPED)
+    front.stop(grace_s=2.0)
+    return 0
+
+
+def engine_args_model_arch(model_dir: str) -> str:
+    from tpserve.config import ModelConfig
+
+    return ModelConfig.from_dir(model_dir).architecture
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    tp = init_distributed(DistEnv.from_environ(), device_type=args.device, timeout_s=args.dist_timeout)
+    try:
+        if tp.is_first:
+            return serve_rank0(args, tp)
+        # Rank 0 coordinates the drain; a worker leaves when told to or when the group fails.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        runner, _ = build_runtime(engine_args_from(args), tp)
+        run_worker(runner)
+        return 0
+    finally:
+        destroy_distributed()
+
+
+def cli(argv=None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return main(argv)
+    except (ConfigError, CheckpointError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

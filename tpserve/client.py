@@ -1,0 +1,127 @@
+"""Python client and command line for a tpserve server.
+
+    python -m tpserve.client "def fib(n):" --stream --max-tokens 64 [--address localhost:50051]
+
+    from tpserve.client import Client
+    with Client("localhost:50051") as c:
+        for piece in c.generate_stream("def fib(n):", max_tokens=32, temperature=0):
+            print(piece.text, end="")
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from tpserve.v1 import generation_pb2 as pb
+from tpserve.v1 import generation_pb2_grpc as pb_grpc
+
+FINISH_NAMES = {pb.FINISH_REASON_STOP: "stop", pb.FINISH_REASON_LENGTH: "length", pb.FINISH_REASON_ABORT: "abort"}
+
+
+@dataclass
+class Completion:
+    request_id: str
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str | None = None
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    cached_tokens: int = 0
+    time_to_first_token_s: float = 0.0
+    logprobs: list = field(default_factory=list)
+
+
+def build_request(prompt: str | list[int], stream: bool, request_id: str | None = None, **sampling) -> pb.GenerateRequest:
+    req = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, stream=stream,
+                             sampling=pb.SamplingParams(**sampling))
+    if isinstance(prompt, str):
+        req.text = prompt
+    else:
+        req.token_ids.ids.extend(prompt)
+    return req
+
+
+class Client:
+    def __init__(self, address: str = "localhost:50051", timeout: float | None = None) -> None:
+        self.channel = grpc.insecure_channel(address)
+        self.stub = pb_grpc.GenerationStub(self.channel)
+        self.timeout = timeout
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def generate_stream(self, prompt, request_id: str | None = None, **sampling):
+        """Yields GenerateResponse messages: chunks, then one complete."""
+        yield from self.stub.Generate(build_request(prompt, True, request_id, **sampling), timeout=self.timeout)
+
+    def generate(self, prompt, request_id: str | None = None, **sampling) -> Completion:
+        """Non-streaming: one final message with the whole output."""
+        (resp,) = list(self.stub.Generate(build_request(prompt, False, request_id, **sampling), timeout=self.timeout))
+        c = resp.complete
+        return Completion(resp.request_id, list(c.token_ids), c.text, FINISH_NAMES.get(c.finish_reason),
+                          c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.cached_tokens,
+                          c.time_to_first_token_s, list(c.logprobs))
+
+    def abort(self, request_id: str) -> bool:
+        return self.stub.Abort(pb.AbortRequest(request_id=request_id)).aborted
+
+    def tokenize(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return list(self.stub.Tokenize(pb.TokenizeRequest(text=text, add_special_tokens=add_special_tokens)).token_ids)
+
+    def model_info(self) -> pb.GetModelInfoResponse:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest())
+
+    def server_info(self) -> pb.GetServerInfoResponse:
+        return self.stub.GetServerInfo(pb.GetServerInfoRequest())
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m tpserve.client", description="Generate from a tpserve server.")
+    p.add_argument("prompt")
+    p.add_argument("--address", default="localhost:50051")
+    p.add_argument("--stream", action="store_true")
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=[])
+    p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    args = p.parse_args(argv)
+    sampling = {"max_tokens": args.max_tokens, "stop": args.stop}
+    for key in ("temperature", "top_k", "top_p", "seed"):
+        if getattr(args, key) is not None:
+            sampling[key] = getattr(args, key)
+    try:
+        with Client(args.address, args.timeout) as client:
+            if args.stream:
+                for resp in client.generate_stream(args.prompt, **sampling):
+                    if resp.HasField("chunk"):
+                        print(resp.chunk.text, end="", flush=True)
+                    else:
+                        c = resp.complete
+                        print(f"\n[{FINISH_NAMES.get(c.finish_reason)}; {c.usage.completion_tokens} tokens; "
+                              f"TTFT {c.time_to_first_token_s * 1000:.0f} ms]", file=sys.stderr)
+            else:
+                done = client.generate(args.prompt, **sampling)
+                print(done.text)
+                print(f"[{done.finish_reason}; {done.completion_tokens} tokens]", file=sys.stderr)
+    except grpc.RpcError as e:
+        print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""KServe Open Inference Protocol v2 (`inference.GRPCInferenceService`) for existing Triton and
+KServe clients, with the LLM conventions of Triton's LLM backends:
+
+inputs   text_input BYTES [1] (required); stream BOOL [1]; exclude_input_in_output BOOL [1];
+         sampling_parameters BYTES [1] (a JSON object of sampling fields); and any sampling field
+         as its own scalar tensor (max_tokens INT32, temperature FP32, ...) or request parameter.
+         Later sources override earlier ones: JSON, then tensors, then request parameters.
+outputs  text_output BYTES [1]: the whole text (unary), or each new piece (stream = true, over
+         ModelStreamInfer; the last response carries parameter triton_final_response = true).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import struct
+import uuid
+from dataclasses import fields
+
+import grpc
+from tritonclient.grpc import service_pb2 as kpb
+from tritonclient.grpc import service_pb2_grpc as kpb_grpc
+
+from tpserve.engine.sampling_params import SamplingParams
+from tpserve.server.servicer import run_request
+from tpserve.server.state import SERVING, ServerState
+
+SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+_FIXED = {"BOOL": ("?", 1), "INT8": ("b", 1), "INT16": ("h", 2), "INT32": ("i", 4), "INT64": ("q", 8),
+          "UINT8": ("B", 1), "UINT16": ("H", 2), "UINT32": ("I", 4), "UINT64": ("Q", 8), "FP32": ("f", 4),
+          "FP64": ("d", 8)}
+
+
+class InputError(ValueError):
+    pass
+
+
+def kserve_service_name() -> str:
+    return kpb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def add_kserve_to_server(servicer, server) -> None:
+    kpb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+
+
+def _decode_raw(datatype: str, raw: bytes) -> list:
+    if datatype == "BYTES":
+        out, i = [], 0
+        while i < len(raw):
+            (n,) = struct.unpack_from("<I", raw, i)
+            out.append(raw[i + 4 : i + 4 + n])
+            i += 4 + n
+        return out
+    if datatype not in _FIXED:
+        raise InputError(f"input datatype {datatype!r} is not supported")
+    code, size = _FIXED[datatype]
+    return list(struct.unpack(f"<{len(raw) // size}{code}", raw))
+
+
+def _decode_contents(tensor) -> list:
+    c = tensor.contents
+    for name in ("bytes_contents", "bool_contents", "int_contents", "int64_contents", "uint_contents",
+                 "uint64_contents", "fp32_contents", "fp64_contents"):
+        values = list(getattr(c, name))
+        if values:
+            return values
+    return []
+
+
+def _param_value(p):
+    return getattr(p, p.WhichOneof("parameter_choice")) if p.WhichOneof("parameter_choice") else None
+
+
+def parse_request(req) -> tuple[str, bool, bool, SamplingParams]:
+    """-> (text, stream, exclude_input_in_output, params)."""
+    values = {}
+    for i, tensor in enumerate(req.inputs):
+        data = _decode_raw(tensor.datatype, req.raw_input_contents[i]) if req.raw_input_contents else _decode_contents(tensor)
+        if not data:
+            raise InputError(f"input {tensor.name!r} is empty")
+        values[tensor.name] = data[0]
+    if "text_input" not in values:
+        raise InputError("input 'text_input' (BYTES) is required")
+    text = values.pop("text_input")
+    text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+    sampling = {}
+    if "sampling_parameters" in values:
+        raw = values.pop("sampling_parameters")
+        try:
+            sampling.update(json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw))
+        except json.JSONDecodeError as e:
+            raise InputError(f"sampling_parameters is not valid JSON: {e}") from None
+    options = {"stream": False, "exclude_input_in_output": False}
+    for source in (values, {k: _param_value(v) for k, v in req.parameters.items()}):
+        for key, value in source.items():
+            if key in options:
+                options[key] = bool(value)
+            elif key in SAMPLING_FIELDS:
+                sampling[key] = value
+    unknown = set(sampling) - SAMPLING_FIELDS
+    if unknown:
+        raise InputError(f"unknown sampling parameters {sorted(unknown)}")
+    try:
+        params = SamplingParams(**sampling)
+    except TypeError as e:
+        raise InputError(str(e)) from None
+    return text, options["stream"], options["exclude_input_in_output"], params
+
+
+def _response(req, model_name: str, text: str, final: bool):
+    resp = kpb.ModelInferResponse(model_name=model_name, model_version="1", id=req.id)
+    resp.outputs.add(name="text_output", datatype="BYTES", shape=[1])
+    data = text.encode("utf-8")
+    resp.raw_output_contents.append(struct.pack("<I", len(data)) + data)
+    resp.parameters["triton_final_response"].bool_param = final
+    return resp
+
+
+class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
+
+    async def ServerLive(self, request, context):
+        return kpb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request, context):
+        return kpb.ServerReadyResponse(ready=self.state.require_serving() is not None)
+
+    async def ModelReady(self, request, context):
+        ready = request.name == self.state.served_model_name and self.state.require_serving() is not None
+        return kpb.ModelReadyResponse(ready=ready)
+
+    async def ServerMetadata(self, request, context):
+        return kpb.ServerMetadataResponse(name="tpserve", version="0.1.0", extensions=[])
+
+    async def ModelMetadata(self, request, context):
+        await self._check_model(request.name, context)
+        tensor = kpb.ModelMetadataResponse.TensorMetadata
+        return kpb.ModelMetadataResponse(
+            name=self.state.served_model_name, versions=["1"], platform="tpserve",
+            inputs=[tensor(name="text_input", datatype="BYTES", shape=[1]),
+                    tensor(name="stream", datatype="BOOL", shape=[1]),
+                    tensor(name="exclude_input_in_output", datatype="BOOL", shape=[1]),
+                    tensor(name="sampling_parameters", datatype="BYTES", shape=[1])],
+            outputs=[tensor(name="text_output", datatype="BYTES", shape=[1])],
+        )
+
+    async def _check_model(self, name: str, context) -> None:
+        if name != self.state.served_model_name:
+            await context.abort(grpc.StatusCode.NOT_FOUND,
+                                f"model {name!r} is not served here; the served model is {self.state.served_model_name!r}")
+
+    async def ModelInfer(self, request, context):
+        await self._check_model(request.model_name, context)
+        try:
+            text, stream, exclude_input, params = parse_request(request)
+        except InputError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        if stream:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream = true needs ModelStreamInfer")
+        pieces = [] if exclude_input else [text]
+        async for out in run_request(self.state, context, request.id or uuid.uuid4().hex, text, None, params):
+            pieces.append(out.text)
+        return _response(request, self.state.served_model_name, "".join(pieces), True)
+
+    async def ModelStreamInfer(self, request_iterator, context):
+        """Each incoming request runs concurrently; a bad one gets an error_message and the rest
+        of the stream carries on."""
+        out_queue: asyncio.Queue = asyncio.Queue()
+        tasks = set()
+
+        async def serve_one(req):
+            try:
+                if req.model_name != self.state.served_model_name:
+                    raise InputError(f"model {req.model_name!r} is not served here")
+                text, stream, exclude_input, params = parse_request(req)
+                pieces = [] if (exclude_input or stream) else [text]
+                async for out in run_request(self.state, _StreamContext(), req.id or uuid.uuid4().hex, text, None,
+                                             params):
+                    if stream:
+                        await out_queue.put(kpb.ModelStreamInferResponse(
+                            infer_response=_response(req, req.model_name, out.text, out.finished)))
+                    else:
+                        pieces.append(out.text)
+                if not stream:
+                    await out_queue.put(kpb.ModelStreamInferResponse(
+                        infer_response=_response(req, req.model_name, "".join(pieces), True)))
+            except (InputError, _StreamAbort) as e:
+                await out_queue.put(kpb.ModelStreamInferResponse(error_message=str(e)))
+
+        async def reader():
+            async for req in request_iterator:
+                task = asyncio.ensure_future(serve_one(req))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+            while tasks:
+                await asyncio.gather(*list(tasks), return_exceptions=True)
+            await out_queue.put(None)
+
+        read_task = asyncio.ensure_future(reader())
+        try:
+            while (item := await out_queue.get()) is not None:
+                yield item
+        finally:
+            read_task.cancel()
+            for task in list(tasks):
+                task.cancel()
+
+
+class _StreamAbort(Exception):
+    pass
+
+
+class _StreamContext:
+    """Stands in for a unary context inside a stream: an abort becomes this request's error
+    message instead of ending the whole stream."""
+
+    async def abort(self, code, details):
+        raise _StreamAbort(f"{code.name}: {details}")
+
+
+__all__ = ["KServeServicer", "add_kserve_to_server", "kserve_service_name", "parse_request", "SERVING"]
