@@ -1,0 +1,195 @@
+"""Serving benchmark against a tpserve gRPC server.
+
+Poisson arrivals at each given rate (or a fixed number of concurrent clients), seeded prompts and
+output lengths, streaming requests. Reports TTFT, TPOT, ITL and end-to-end latency (mean, median,
+p95, p99), request and output-token throughput, and goodput under the given SLOs. With
+--compare-offline it also runs the same workload through the offline engine in this process and
+reports the server's throughput with --concurrency streaming clients as a fraction of it.
+
+    python benchmarks/serve_bench.py --rates 2 8 inf --concurrency 64 --compare-offline
+    python benchmarks/serve_bench.py --address host:50051 --rates 4     # an already running server
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import random
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from common import machine_info, print_table, seeded_workload, write_json
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pct(values, q):
+    if not values:
+        return float("nan")
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
+
+
+async def one_request(stub, pb, prompt, max_tokens):
+    from tpserve.client import build_request
+
+    req = build_request(prompt, True, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    t0 = time.perf_counter()
+    stamps, n = [], 0
+    async for resp in stub.Generate(req):
+        if resp.HasField("chunk") and resp.chunk.token_ids:
+            stamps.append(time.perf_counter())
+            n += len(resp.chunk.token_ids)
+    end = time.perf_counter()
+    ttft = stamps[0] - t0
+    return {"ttft": ttft, "e2e": end - t0, "tokens": n, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+            "tpot": (end - t0 - ttft) / (n - 1) if n > 1 else 0.0}
+
+
+async def run_load(address, work, rate, concurrency, seed):
+    import grpc
+
+    from tpserve.v1 import generation_pb2 as pb
+    from tpserve.v1 import generation_pb2_grpc as pb_grpc
+
+    rng = random.Random(seed)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        sem = asyncio.Semaphore(concurrency) if concurrency else None
+
+        async def limited(prompt, n):
+            if sem is None:
+                return await one_request(stub, pb, prompt, n)
+            async with sem:
+                return await one_request(stub, pb, prompt, n)
+
+        tasks = []
+        t0 = time.perf_counter()
+        for prompt, n in work:
+            tasks.append(asyncio.create_task(limited(prompt, n)))
+            if rate != float("inf"):
+                await asyncio.sleep(rng.expovariate(rate))
+        results = await asyncio.gather(*tasks)
+        return results, time.perf_counter() - t0
+
+
+def summarize(label, results, elapsed, slo_ttft, slo_tpot):
+    row = {"load": label, "requests": len(results), "seconds": elapsed,
+           "req_per_s": len(results) / elapsed, "out_tok_per_s": sum(r["tokens"] for r in results) / elapsed}
+    for key in ("ttft", "tpot", "e2e"):
+        vals = [r[key] * 1000 for r in results]
+        row[f"{key}_mean_ms"] = statistics.mean(vals)
+        row[f"{key}_p50_ms"] = pct(vals, 50)
+        row[f"{key}_p95_ms"] = pct(vals, 95)
+        row[f"{key}_p99_ms"] = pct(vals, 99)
+    itl = [x * 1000 for r in results for x in r["itl"]]
+    row.update(itl_mean_ms=statistics.mean(itl) if itl else 0.0, itl_p50_ms=pct(itl, 50), itl_p95_ms=pct(itl, 95),
+               itl_p99_ms=pct(itl, 99))
+    good = [r for r in results if r["ttft"] * 1000 <= slo_ttft and r["tpot"] * 1000 <= slo_tpot]
+    row["goodput_req_per_s"] = len(good) / elapsed
+    return row
+
+
+def start_server(args):
+    from dist_ports import free_port
+
+    port = free_port()
+    cmd = [sys.executable, str(ROOT / "launch" / "serve.py"), "--port", str(port), "--host", "127.0.0.1",
+           "--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype]
+    if args.model:
+        cmd += ["--model", args.model]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, f"127.0.0.1:{port}"
+
+
+def wait_ready(address, timeout=300):
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if stub.Check(health_pb2.HealthCheckRequest(service="tpserve.v1.Generation"), timeout=1).status == 1:
+                return
+        except grpc.RpcError:
+            pass
+        time.sleep(0.2)
+    raise TimeoutError(f"server at {address} not ready")
+
+
+def offline_throughput(args, work):
+    from tpserve.distributed import TPGroup
+    from tpserve.engine.sampling_params import SamplingParams
+    from tpserve.engine.setup import EngineArgs, build_runtime
+    from tpserve.bundled import DEFAULT_MODEL_DIR
+
+    _, engine = build_runtime(EngineArgs(model=args.model or str(DEFAULT_MODEL_DIR), dtype=args.dtype,
+                                         max_num_seqs=args.max_num_seqs), TPGroup())
+    params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in work]
+    t0 = time.perf_counter()
+    res = engine.generate([p for p, _ in work], params)
+    return sum(len(r.token_ids) for r in res) / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--address", default=None, help="a running server; default: start one (1 process)")
+    p.add_argument("--model", default=None)
+    p.add_argument("--dtype", default="float32")
+    p.add_argument("--num-requests", type=int, default=64)
+    p.add_argument("--prompt-len", type=int, nargs=2, default=[16, 256])
+    p.add_argument("--output-len", type=int, nargs=2, default=[16, 128])
+    p.add_argument("--rates", type=float, nargs="+", default=[2.0, 8.0], help="Poisson request rates (req/s)")
+    p.add_argument("--concurrency", type=int, default=64, help="max-concurrency mode (0: off)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
+    p.add_argument("--slo-tpot-ms", type=float, default=200.0)
+    p.add_argument("--compare-offline", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--output", default="out/serve_bench.json")
+    args = p.parse_args()
+
+    from tpserve.config import ModelConfig
+    from tpserve.bundled import DEFAULT_MODEL_DIR
+
+    cfg = ModelConfig.from_dir(args.model or DEFAULT_MODEL_DIR)
+    work = seeded_workload(args.num_requests, cfg.vocab_size, tuple(args.prompt_len), tuple(args.output_len), args.seed)
+    proc = None
+    address = args.address
+    if address is None:
+        proc, address = start_server(args)
+    try:
+        wait_ready(address)
+        asyncio.run(run_load(address, work[:4], float("inf"), 4, args.seed))  # warm-up
+        rows = []
+        for rate in args.rates:
+            results, elapsed = asyncio.run(run_load(address, work, rate, 0, args.seed))
+            rows.append(summarize(f"poisson {rate:g}/s", results, elapsed, args.slo_ttft_ms, args.slo_tpot_ms))
+        if args.concurrency:
+            results, elapsed = asyncio.run(run_load(address, work, float("inf"), args.concurrency, args.seed))
+            rows.append(summarize(f"concurrency {args.concurrency}", results, elapsed, args.slo_ttft_ms,
+                                  args.slo_tpot_ms))
+    finally:
+        if proc is not None:
+            proc.terminate()
+            proc.wait(timeout=60)
+    print_table(rows, ["load", "requests", "req_per_s", "out_tok_per_s", "ttft_mean_ms", "ttft_p50_ms", "ttft_p95_ms",
+                       "ttft_p99_ms", "tpot_mean_ms", "tpot_p95_ms", "itl_p50_ms", "itl_p95_ms", "e2e_p50_ms",
+                       "e2e_p95_ms", "goodput_req_per_s"])
+    payload = {"rows": rows, "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
+               "num_requests": args.num_requests, "machine": machine_info()}
+    if args.compare_offline and args.concurrency:
+        offline = offline_throughput(args, work)
+        frac = rows[-1]["out_tok_per_s"] / offline
+        print(f"\nserver with {args.concurrency} streaming clients: {rows[-1]['out_tok_per_s']:.1f} tok/s; "
+              f"offline engine: {offline:.1f} tok/s; ratio {frac:.2f}")
+        payload.update(offline_tok_per_s=offline, server_vs_offline=frac)
+    write_json(args.output, payload)
+
+
+if __name__ == "__main__":
+    main()
