@@ -49,6 +49,8 @@ def result_line(index: int, result, with_text: bool) -> dict:
     out["num_cached_tokens"] = result.num_cached_tokens
     if result.logprobs:
         out["logprobs"] = [asdict(lp) for lp in result.logprobs]
+    if result.speculation:
+        out["speculation"] = result.speculation
     return out
 
 

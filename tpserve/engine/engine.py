@@ -34,6 +34,7 @@ class RequestOutput:
     num_output_tokens: int = 0
     num_cached_tokens: int = 0
     time_to_first_token: float | None = None
+    speculation: dict | None = None  # per-request speculative decoding metrics, at finish
 
 
 @dataclass
@@ -48,6 +49,7 @@ class CompletedRequest:
     num_cached_tokens: int
     logprobs: list[TokenLogprobs]
     time_to_first_token: float | None
+    speculation: dict | None = None
 
 
 class LLMEngine:
@@ -62,6 +64,7 @@ class LLMEngine:
         eos_token_ids: tuple[int, ...] = (),
         enable_prefix_caching: bool = True,
         seed: int = 0,
+        spec=None,
     ) -> None:
         self.driver = driver
         self.vocab_size = vocab_size
@@ -70,6 +73,7 @@ class LLMEngine:
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
         self.scheduler = Scheduler(scheduler_config, self.block_manager)
         self.sampler = Sampler(self.eos_token_ids, seed)
+        self.spec = spec  # SpecDecoder or None
         self._seq_ids = itertools.count()
         self._requests: dict[str, Sequence] = {}
         self._detok: dict[int, IncrementalDetokenizer] = {}
@@ -153,37 +157,103 @@ class LLMEngine:
     # --- stepping -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         outputs, self._pending = self._pending, []
-        sched = self.scheduler.schedule()
+        sched = self.scheduler.schedule(num_lookahead=self._plan_lookahead())
         for seq in sched.preempted:
             self._drop_worker_table(seq.seq_id)
         if not sched.scheduled:
             if self._dropped:
                 self.driver.step(StepPlan(finished=self._take_dropped()))
             return outputs
-        plan = StepPlan([self._work(s) for s in sched.scheduled], self._take_dropped())
+        proposals = self._propose(sched.scheduled)
+        plan = StepPlan([self._work(s, proposals.get(s.seq.seq_id)) for s in sched.scheduled], self._take_dropped())
+        started = time.perf_counter()
         logits = self.driver.step(plan)
+        if self.spec is not None:
+            self.spec.record_target_step(plan.num_tokens, time.perf_counter() - started)
         self.num_steps += 1
-        to_sample = [s.seq for s in sched.scheduled if s.samples]
-        tokens, logprobs = self.sampler.sample(logits, to_sample) if to_sample else ([], [])
-        sampled = dict(zip((s.seq_id for s in to_sample), zip(tokens, logprobs)))
+        results = self._sample(sched.scheduled, logits, proposals)
         now = time.monotonic()
         for item in sched.scheduled:
             seq = item.seq
-            seq.num_computed_tokens += item.num_new_tokens
+            tokens, lps = results.get(seq.seq_id, ([], []))
+            proposal = proposals.get(seq.seq_id)
+            num_accepted = len(tokens) - 1 if proposal is not None else 0
+            seq.num_computed_tokens += item.num_new_tokens + num_accepted
             self.block_manager.commit(seq, seq.num_computed_tokens)
-            if seq.seq_id in sampled:
-                token, lp = sampled[seq.seq_id]
-                outputs.append(self._append_token(seq, token, lp, now))
+            if not tokens:
+                continue
+            if self.spec is not None:
+                self.spec.account(seq, len(proposal.tokens) if proposal else 0, num_accepted, len(tokens))
+            outputs.append(self._append_tokens(seq, tokens, lps, now))
+            if proposal is not None and not seq.is_finished:
+                self._roll_back(seq)
         return outputs
 
-    def _work(self, item: ScheduledSeq) -> SeqWork:
+    def _plan_lookahead(self):
+        """Lookahead per sequence: this step's adaptive k, except that seeded sampled requests
+        always get the fixed largest k, so their random draws (and tokens) do not depend on load."""
+        if self.spec is None:
+            return 0
+        running = self.scheduler.running
+        decoding = sum(1 for s in running if s.num_output_tokens and s.num_computed_tokens == s.num_tokens - 1)
+        prefill = sum(s.num_tokens - s.num_computed_tokens for s in running) - decoding
+        k = self.spec.plan_k(decoding, prefill)
+        max_k = self.spec.controller.max_k
+        return lambda seq: max_k if seq.params.seed is not None and not seq.params.greedy else k
+
+    def _propose(self, scheduled: list[ScheduledSeq]) -> dict:
+        items = [s for s in scheduled if s.num_lookahead > 0]
+        if not items:
+            return {}
+        seqs = [s.seq for s in items]
+        ks = [self.spec.cap(s.seq, s.num_lookahead) for s in items]
+        return {seq.seq_id: p for seq, k, p in zip(seqs, ks, self.spec.propose(seqs, ks)) if k > 0}
+
+    def _sample(self, scheduled: list[ScheduledSeq], logits, proposals: dict) -> dict:
+        """seq_id -> (tokens to emit, their logprobs) for every sequence that samples this step."""
+        plain, plain_rows, spec_rows, row = [], [], {}, 0
+        for item in scheduled:
+            if not item.samples:
+                continue
+            proposal = proposals.get(item.seq.seq_id)
+            n = 1 + (len(proposal.tokens) if proposal is not None else 0)
+            if proposal is not None:
+                spec_rows[item.seq.seq_id] = (item.seq, logits[row : row + n])
+            else:
+                plain.append(item.seq)
+                plain_rows.append(row)
+            row += n
+        results = {}
+        if plain:
+            tokens, lps = self.sampler.sample(logits[plain_rows], plain)
+            for seq, t, lp in zip(plain, tokens, lps):
+                results[seq.seq_id] = ([t], [lp])
+        for seq_id, (seq, rows) in spec_rows.items():
+            tokens = self.spec.verify(seq, rows, proposals[seq_id], self.sampler.generator_for(seq), self.eos_token_ids)
+            lps = self.sampler.logprobs(rows[: len(tokens)], [seq] * len(tokens), tokens)
+            results[seq_id] = (tokens, lps)
+        return results
+
+    def _roll_back(self, seq: Sequence) -> None:
+        """Release blocks reserved for rejected proposals; workers keep only the valid prefix."""
+        self.block_manager.truncate(seq, seq.num_tokens)
+        if seq.seq_id in self._sent_blocks:
+            self._sent_blocks[seq.seq_id] = min(self._sent_blocks[seq.seq_id], len(seq.block_table))
+        self.spec.proposer.on_verified(seq)
+
+    def _work(self, item: ScheduledSeq, proposal=None) -> SeqWork:
         seq = item.seq
         start = seq.num_computed_tokens
-        work = SeqWork(seq.seq_id, seq.token_ids[start : start + item.num_new_tokens], start, sample=item.samples)
+        tokens = seq.token_ids[start : start + item.num_new_tokens]
+        work = SeqWork(seq.seq_id, tokens, start, sample=item.samples)
+        if proposal is not None:
+            work.token_ids = tokens + proposal.tokens
+            work.num_logits = 1 + len(proposal.tokens)
         sent = self._sent_blocks.get(seq.seq_id)
         if sent is None:
             work.block_table = list(seq.block_table)
         else:
+            work.num_blocks_kept = sent
             work.new_blocks = seq.block_table[sent:]
         self._sent_blocks[seq.seq_id] = len(seq.block_table)
         return work
@@ -196,24 +266,29 @@ class LLMEngine:
         dropped, self._dropped = self._dropped, []
         return dropped
 
-    def _append_token(self, seq: Sequence, token: int, lp: TokenLogprobs | None, now: float) -> RequestOutput:
-        seq.token_ids.append(token)
+    def _append_tokens(self, seq: Sequence, tokens: list[int], lps: list, now: float) -> RequestOutput:
+        """Append tokens one at a time until one finishes the request; later ones are dropped."""
+        out = RequestOutput(seq.request_id)
         if seq.first_token_time is None:
             seq.first_token_time = now
         p = seq.params
-        out = RequestOutput(seq.request_id, [token], logprobs=[lp] if lp is not None else [])
         detok = self._detok.get(seq.seq_id)
-        may_stop = seq.num_output_tokens >= p.min_tokens
-        if detok is not None:
-            detok.add([token], check_stop=may_stop)
-        if may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
-            seq.finish_reason = "stop"
-        elif detok is not None and detok.stopped_by is not None:
-            seq.finish_reason = "stop"
-        elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.scheduler.config.max_model_len:
-            seq.finish_reason = "length"
-        if seq.finish_reason is not None:
-            return self._finish(seq, out)
+        for token, lp in zip(tokens, lps):
+            seq.token_ids.append(token)
+            out.new_token_ids.append(token)
+            if lp is not None:
+                out.logprobs.append(lp)
+            may_stop = seq.num_output_tokens >= p.min_tokens
+            if detok is not None:
+                detok.add([token], check_stop=may_stop)
+            if may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+                seq.finish_reason = "stop"
+            elif detok is not None and detok.stopped_by is not None:
+                seq.finish_reason = "stop"
+            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.scheduler.config.max_model_len:
+                seq.finish_reason = "length"
+            if seq.finish_reason is not None:
+                return self._finish(seq, out)
         if detok is not None:
             out.text = detok.delta(finished=False)
         return self._fill_counts(seq, out)
@@ -222,6 +297,8 @@ class LLMEngine:
         self.scheduler.remove(seq)
         self._drop_worker_table(seq.seq_id)
         self.sampler.release(seq.seq_id)
+        if self.spec is not None:
+            out.speculation = self.spec.finish(seq)
         self._requests.pop(seq.request_id, None)
         detok = self._detok.pop(seq.seq_id, None)
         if detok is not None:
@@ -262,6 +339,7 @@ class LLMEngine:
                     done.finish_reason = out.finish_reason
                     done.num_cached_tokens = out.num_cached_tokens
                     done.time_to_first_token = out.time_to_first_token
+                    done.speculation = out.speculation
         return [acc[r] for r in ids]
 
     def stats(self) -> dict:
@@ -275,6 +353,7 @@ class LLMEngine:
             "kv_blocks_total": counts["total"],
             "prefix_cache_hit_rate": self.block_manager.hit_rate,
             "num_steps": self.num_steps,
+            "speculation": self.spec.totals.as_dict() if self.spec is not None else None,
         }
 
     def shutdown(self) -> None:

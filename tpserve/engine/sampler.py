@@ -127,10 +127,11 @@ class Sampler:
             noise = self.exponentials([seqs[i] for i in sampled_rows], logits.shape[-1]).to(probs.device)
             tokens[rows] = (probs / noise).argmax(dim=-1)
         token_list = tokens.tolist()
-        return token_list, self._logprobs(logits, seqs, token_list)
+        return token_list, self.logprobs(logits, seqs, token_list)
 
     @staticmethod
-    def _logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprobs | None]:
+    def logprobs(logits: torch.Tensor, seqs: list[Sequence], tokens: list[int]) -> list[TokenLogprobs | None]:
+        """Row i: logprob of tokens[i] and the top-n alternatives under raw logits[i]."""
         wanted = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         result: list[TokenLogprobs | None] = [None] * len(seqs)
         if not wanted:

@@ -10,6 +10,7 @@ and it returns to the head of the waiting queue, keeping the tokens it generated
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from tpserve.config import ConfigError
@@ -96,8 +97,10 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def schedule(self, num_lookahead: int = 0) -> SchedulerOutput:
-        """Plan one step. `num_lookahead` slots are reserved after each decoding sequence."""
+    def schedule(self, num_lookahead: int | Callable[[Sequence], int] = 0) -> SchedulerOutput:
+        """Plan one step. `num_lookahead` slots (a count, or a count per sequence) are reserved
+        after each decoding sequence for speculative proposals."""
+        lookahead_of = num_lookahead if callable(num_lookahead) else (lambda seq: num_lookahead)
         out = SchedulerOutput()
         budget = self.config.max_num_batched_tokens
         bm = self.block_manager
@@ -106,7 +109,7 @@ class Scheduler:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             decoding = seq.num_computed_tokens + num_new == seq.num_tokens and seq.num_output_tokens > 0
-            lookahead = num_lookahead if decoding else 0
+            lookahead = lookahead_of(seq) if decoding else 0
             while not bm.ensure_slots(seq, seq.num_computed_tokens + num_new + lookahead):
                 victim = self.running.pop()
                 self._preempt(victim)
@@ -115,7 +118,7 @@ class Scheduler:
                     break
             else:
                 out.scheduled.append(ScheduledSeq(seq, num_new, lookahead))
-                budget -= num_new
+                budget -= num_new + lookahead  # proposals are verified in the same forward
                 i += 1
                 continue
             break

@@ -33,6 +33,11 @@ class EngineArgs:
     max_model_len: int | None = None
     enable_prefix_caching: bool = True
     seed: int = 0
+    speculative_method: str = "none"  # none | draft | ngram
+    draft_model: str | None = None
+    num_speculative_tokens: int = 4
+    spec_policy: str = "adaptive"  # adaptive | fixed
+    ngram_max: int = 4
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -49,6 +54,16 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--max-model-len", type=int, default=None, help="default: the model's max positions")
     g.add_argument("--no-prefix-caching", dest="enable_prefix_caching", action="store_false")
     g.add_argument("--seed", type=int, default=0, help="seed of the engine's shared sampling generator")
+    s = parser.add_argument_group("speculative decoding")
+    s.add_argument("--speculative-method", choices=["none", "draft", "ngram"], default=None,
+                   help="default: draft when --draft-model is given, else none")
+    s.add_argument("--draft-model", default=None,
+                   help="draft model directory (default with --speculative-method draft: the bundled draft, "
+                        "when serving the bundled target)")
+    s.add_argument("--num-speculative-tokens", type=int, default=4, help="k, or the largest k when adaptive")
+    s.add_argument("--spec-policy", choices=["adaptive", "fixed"], default="adaptive",
+                   help="adaptive: choose k per step (down to 0) from measured acceptance and step costs")
+    s.add_argument("--ngram-max", type=int, default=4, help="longest n-gram the prompt-lookup proposer matches")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -60,6 +75,9 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         gpu_memory_utilization=ns.gpu_memory_utilization, max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
         enable_prefix_caching=ns.enable_prefix_caching, seed=ns.seed,
+        speculative_method=ns.speculative_method or ("draft" if ns.draft_model else "none"),
+        draft_model=ns.draft_model, num_speculative_tokens=ns.num_speculative_tokens,
+        spec_policy=ns.spec_policy, ngram_max=ns.ngram_max,
     )
 
 
@@ -96,4 +114,45 @@ def build_runtime(args: EngineArgs, tp: TPGroup) -> tuple[ModelRunner, LLMEngine
         tokenizer=load_tokenizer(args.model), eos_token_ids=read_eos_token_ids(args.model, model_config),
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
     )
+    engine.spec = build_spec_decoder(args, model_config, runner, engine, max_model_len)
     return runner, engine
+
+
+def resolve_draft_dir(args: EngineArgs) -> str:
+    from tpserve.bundled import DEFAULT_DRAFT_DIR, DEFAULT_MODEL_DIR
+
+    if args.draft_model:
+        return args.draft_model
+    if Path(args.model).resolve() == Path(DEFAULT_MODEL_DIR).resolve():
+        return str(DEFAULT_DRAFT_DIR)
+    raise ConfigError("--speculative-method draft needs --draft-model DIR (only the bundled target has a default draft)")
+
+
+def build_spec_decoder(args: EngineArgs, model_config: ModelConfig, runner: ModelRunner, engine: LLMEngine,
+                       max_model_len: int):
+    """The proposer and k controller on rank 0, or None when speculation is off."""
+    from tpserve.engine.spec_decode.controller import SpecController
+    from tpserve.engine.spec_decode.decoder import SpecDecoder
+    from tpserve.engine.spec_decode.proposers import DraftProposer, NgramProposer
+
+    if args.speculative_method == "none":
+        return None
+    if not 1 <= args.num_speculative_tokens <= 16:
+        raise ConfigError(f"num_speculative_tokens={args.num_speculative_tokens} must be in [1, 16]")
+    if args.speculative_method == "ngram":
+        proposer = NgramProposer(max_ngram=args.ngram_max)
+    else:
+        draft_dir = resolve_draft_dir(args)
+        draft_config = ModelConfig.from_dir(draft_dir, args.dtype if args.dtype != "auto" else model_config.dtype)
+        if draft_config.vocab_size != model_config.vocab_size:
+            raise ConfigError(
+                f"draft model {draft_dir} has vocab_size={draft_config.vocab_size} but the target has "
+                f"{model_config.vocab_size}; the draft must share the target's vocabulary"
+            )
+        # The draft is not sharded: it lives on rank 0 only and shares the target's block tables.
+        draft_cache = CacheConfig(block_size=runner.block_size, num_blocks=runner.num_blocks)
+        draft_runner = ModelRunner(draft_config, draft_cache, TPGroup(device=runner.device), draft_dir,
+                                   max_num_batched_tokens=args.max_num_batched_tokens)
+        proposer = DraftProposer(draft_runner, engine.eos_token_ids, engine.sampler.generator_for)
+    controller = SpecController(args.num_speculative_tokens, adaptive=args.spec_policy == "adaptive")
+    return SpecDecoder(proposer, controller, max_model_len)

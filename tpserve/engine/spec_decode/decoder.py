@@ -1,0 +1,103 @@
+"""Speculative decoding inside an engine step: propose before the target forward, verify after.
+
+The engine asks `plan_k` for this step's k, lets the scheduler reserve k lookahead slots per
+decoding sequence, calls `propose` for those sequences, appends the proposals to their SeqWork
+(the target then computes logits at all k + 1 positions in the same forward as everything else),
+and finally `verify`s each sequence's rows. Rolled-back positions need no cleanup in either KV
+cache: they lie past num_computed_tokens and are overwritten before they are ever read.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from tpserve.engine.sampler import process_logits
+from tpserve.engine.sequence import Sequence
+from tpserve.engine.spec_decode.controller import SpecController
+from tpserve.engine.spec_decode.proposers import Proposal, with_history
+from tpserve.engine.spec_decode.rejection import verify_greedy, verify_sampled
+
+
+@dataclass
+class SpecTotals:
+    num_proposed: int = 0
+    num_accepted: int = 0
+    num_spec_steps: int = 0  # sequence-steps that verified at least one proposal
+    num_target_forwards: int = 0  # sequence-steps that produced tokens
+    num_output_tokens: int = 0
+
+    def as_dict(self) -> dict:
+        return {
+            "num_proposed_tokens": self.num_proposed,
+            "num_accepted_tokens": self.num_accepted,
+            "num_target_forwards": self.num_target_forwards,
+            "acceptance_rate": self.num_accepted / self.num_proposed if self.num_proposed else 0.0,
+            "mean_accepted_length": self.num_accepted / self.num_spec_steps if self.num_spec_steps else 0.0,
+            "tokens_per_target_forward": (self.num_output_tokens / self.num_target_forwards
+                                          if self.num_target_forwards else 0.0),
+        }
+
+
+class SpecDecoder:
+    def __init__(self, proposer, controller: SpecController, max_model_len: int) -> None:
+        self.proposer = proposer
+        self.controller = controller
+        self.max_model_len = max_model_len
+        self.totals = SpecTotals()
+        self.per_seq: dict[int, SpecTotals] = {}
+
+    def plan_k(self, num_decoding: int, num_other_tokens: int) -> int:
+        return self.controller.choose_k(num_decoding, num_other_tokens)
+
+    def cap(self, seq: Sequence, k: int) -> int:
+        """Never propose past max_tokens or the max model length."""
+        room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
+        return max(0, min(k, room))
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
+        t = time.perf_counter()
+        passes0 = self.proposer.num_forwards
+        proposals = self.proposer.propose(seqs, ks)
+        passes = self.proposer.num_forwards - passes0
+        if passes:
+            self.controller.draft_cost.add(len(seqs), (time.perf_counter() - t) / passes)
+        return proposals
+
+    def record_target_step(self, num_tokens: int, seconds: float) -> None:
+        self.controller.target_cost.add(num_tokens, seconds)
+
+    def verify(self, seq: Sequence, raw_logits: torch.Tensor, proposal: Proposal, generator,
+               eos_token_ids: tuple[int, ...]) -> list[int]:
+        """raw_logits [k + 1, V] at the last token and each proposal -> tokens to emit."""
+        props = proposal.tokens
+        views = [with_history(seq, props[:i]) for i in range(len(props) + 1)]
+        processed = process_logits(raw_logits, views, eos_token_ids)
+        if seq.params.greedy:
+            tokens = verify_greedy(processed, props)
+        else:
+            target_probs = processed.softmax(dim=-1)
+            draft_probs = proposal.draft_probs
+            if draft_probs is None:  # deterministic proposer: one-hot draft distribution
+                draft_probs = torch.zeros(len(props), raw_logits.shape[-1], device=raw_logits.device)
+                draft_probs[torch.arange(len(props)), torch.tensor(props, dtype=torch.long)] = 1.0
+            tokens = verify_sampled(target_probs, draft_probs, props, generator)
+        accepted = len(tokens) - 1
+        if props:
+            self.controller.record_verification(accepted, rejected=accepted < len(props))
+        return tokens
+
+    def account(self, seq: Sequence, num_proposed: int, num_accepted: int, num_emitted: int) -> None:
+        for totals in (self.totals, self.per_seq.setdefault(seq.seq_id, SpecTotals())):
+            totals.num_proposed += num_proposed
+            totals.num_accepted += num_accepted
+            totals.num_spec_steps += 1 if num_proposed else 0
+            totals.num_target_forwards += 1
+            totals.num_output_tokens += num_emitted
+
+    def finish(self, seq: Sequence) -> dict | None:
+        self.proposer.release(seq.seq_id)
+        totals = self.per_seq.pop(seq.seq_id, None)
+        return totals.as_dict() if totals else None

@@ -1,0 +1,119 @@
+"""Proposers of speculative tokens, both on rank 0.
+
+`DraftProposer` runs a small draft model (unsharded) with its own KV cache tensors that share the
+target's block tables: the draft's K/V for a position lives in the same block and slot as the
+target's, so no second block manager is needed. Each sequence's draft keeps its own count of
+positions it has computed (from 0, never trusting prefix-cache hits, whose draft K/V another
+sequence may never have written), catches up on them in its first pass, then proposes one token
+per batched pass.
+
+`NgramProposer` (prompt lookup) copies the tokens that followed the most recent earlier occurrence
+of the sequence's last n tokens; its proposals are deterministic (one-hot draft distributions).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from tpserve.engine.sampler import process_logits
+from tpserve.engine.sequence import Sequence
+from tpserve.engine.step import SeqWork, StepPlan
+
+
+@dataclass
+class Proposal:
+    tokens: list[int]
+    draft_probs: torch.Tensor | None = None  # [len(tokens), V]; None means one-hot (deterministic)
+
+
+def with_history(seq: Sequence, extra: list[int]) -> Sequence:
+    """A view of `seq` as if `extra` tokens had been generated (for penalties and min_tokens)."""
+    return replace(seq, token_ids=seq.token_ids + extra) if extra else seq
+
+
+class DraftProposer:
+    def __init__(self, runner, eos_token_ids: tuple[int, ...], generator_for) -> None:
+        self.runner = runner
+        self.eos_token_ids = eos_token_ids
+        self.generator_for = generator_for
+        self._computed: dict[int, tuple[int, int]] = {}  # seq_id -> (num_preemptions, positions)
+        self.num_forwards = 0
+
+    def _draft_computed(self, seq: Sequence) -> int:
+        preemptions, count = self._computed.get(seq.seq_id, (seq.num_preemptions, 0))
+        return count if preemptions == seq.num_preemptions else 0
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
+        proposals = [Proposal([]) for _ in seqs]
+        probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        for j in range(max(ks, default=0)):
+            active = [i for i, k in enumerate(ks) if k > j]
+            works = []
+            for i in active:
+                seq = seqs[i]
+                if j == 0:
+                    start = self._draft_computed(seq)
+                    tokens = seq.token_ids[start:]
+                else:
+                    start = seq.num_tokens + j - 1
+                    tokens = [proposals[i].tokens[-1]]
+                works.append(SeqWork(seq.seq_id, tokens, start, block_table=list(seq.block_table)))
+            logits = self.runner.execute(StepPlan(works))
+            self.num_forwards += 1
+            views = [with_history(seqs[i], proposals[i].tokens) for i in active]
+            processed = process_logits(logits, views, self.eos_token_ids)
+            for row, i in enumerate(active):
+                seq = seqs[i]
+                if seq.params.greedy:
+                    proposals[i].tokens.append(int(processed[row].argmax()))
+                    continue
+                p = processed[row].softmax(dim=-1)
+                noise = torch.empty(p.shape[-1]).exponential_(generator=self.generator_for(seq)).to(p.device)
+                proposals[i].tokens.append(int((p / noise).argmax()))
+                probs[i].append(p)
+        for i, seq in enumerate(seqs):
+            if ks[i] > 0:
+                # K/V written for the last known token and all proposals but the newest.
+                self._computed[seq.seq_id] = (seq.num_preemptions, seq.num_tokens + ks[i] - 1)
+            if probs[i]:
+                proposals[i].draft_probs = torch.stack(probs[i])
+        return proposals
+
+    def on_verified(self, seq: Sequence) -> None:
+        """After verification only positions the target kept are valid for the draft too."""
+        if seq.seq_id in self._computed:
+            preemptions, count = self._computed[seq.seq_id]
+            self._computed[seq.seq_id] = (preemptions, min(count, seq.num_computed_tokens))
+
+    def release(self, seq_id: int) -> None:
+        self._computed.pop(seq_id, None)
+        self.runner.block_tables.pop(seq_id, None)
+
+
+class NgramProposer:
+    def __init__(self, max_ngram: int = 4, min_ngram: int = 1) -> None:
+        self.max_ngram = max_ngram
+        self.min_ngram = min_ngram
+        self.num_forwards = 0
+
+    def lookup(self, tokens: list[int], k: int) -> list[int]:
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            tail = tokens[-n:]
+            # Most recent earlier occurrence first: recent context predicts best.
+            for start in range(len(tokens) - n - 1, -1, -1):
+                if tokens[start : start + n] == tail:
+                    follow = tokens[start + n : start + n + k]
+                    if follow:
+                        return follow
+        return []
+
+    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
+        return [Proposal(self.lookup(seq.token_ids, k) if k > 0 else []) for seq, k in zip(seqs, ks)]
+
+    def on_verified(self, seq: Sequence) -> None:
+        pass
+
+    def release(self, seq_id: int) -> None:
+        pass
