@@ -37,7 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--served-model-name", default=None, help="default: the model directory's name")
     p.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--max-message-bytes", type=int, default=16 * 2**20, help="largest gRPC message accepted")
-    p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds in-flight requests get on SIGTERM")
+    p.add_argument("--shutdown-timeout", type=float, default=25.0,
+                   help="seconds in-flight requests get on SIGTERM (torchrun kills workers 30 s after forwarding it)")
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait before failing")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     add_engine_args(p)

@@ -76,7 +76,13 @@ def test_configs_match_and_shard(models):
     assert tc.hidden_size == dc.hidden_size
     assert tc.num_attention_heads % 8 == 0 and tc.num_key_value_heads == 2
     assert tc.num_hidden_layers > dc.num_hidden_layers
-    assert target.dtype == torch.bfloat16  # weights ship in bf16
+
+    from safetensors import safe_open
+
+    assert str(tc.dtype).endswith("bfloat16") and str(dc.dtype).endswith("bfloat16")
+    for d in (TARGET_DIR, DRAFT_DIR):  # weights ship in bf16
+        with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
 
 
 @torch.no_grad()
