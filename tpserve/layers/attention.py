@@ -5,7 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tpserve.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_cache
+from tpserve.ops import dispatch
+from tpserve.ops.attention import AttentionMetadata
 
 
 class Attention(nn.Module):
@@ -26,6 +27,5 @@ class Attention(nn.Module):
         k = k.view(num_tokens, self.num_kv_heads, self.head_dim)
         v = v.view(num_tokens, self.num_kv_heads, self.head_dim)
         k_cache, v_cache = kv_cache
-        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
-        out = paged_attention_ref(q, k_cache, v_cache, meta, self.scale, self.sliding_window)
+        out = dispatch.attention(q, k, v, k_cache, v_cache, meta, self.scale, self.sliding_window)
         return out.reshape(num_tokens, self.num_heads * self.head_dim)
