@@ -74,7 +74,7 @@ def serve_rank0(args, tp) -> int:
     state.model_info = pb.GetModelInfoResponse(
         served_model_name=name, architecture=engine_args_model_arch(engine_args.model),
         max_model_len=engine.scheduler.config.max_model_len, vocab_size=engine.vocab_size, tp_size=tp.tp_size,
-        quantization="none", dtype=str(engine.driver.runner.model_config.dtype).removeprefix("torch."),
+        quantization=engine.driver.runner.model_config.quantization, dtype=str(engine.driver.runner.model_config.dtype).removeprefix("torch."),
         has_tokenizer=engine.tokenizer is not None)
     state.engine_loop = loop
     front.set_phase(SERVING)

@@ -146,6 +146,15 @@ class ModelConfig:
         cfg.validate()
         return cfg
 
+    @property
+    def quantization(self) -> str:
+        """"none", or the checkpoint's quantisation label ("int8", "int4-g128", "gptq-4bit-g128",
+        "awq-4bit-g128"); raises ConfigError for an unsupported quantization_config."""
+        from tpserve.quant.config import QuantConfig  # tpserve.quant imports this module
+
+        quant = QuantConfig.from_hf(self.hf_config)
+        return "none" if quant is None else quant.name
+
     def validate(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
             raise ConfigError(

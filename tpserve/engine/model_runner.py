@@ -13,6 +13,7 @@ from tpserve.distributed import TPGroup
 from tpserve.engine.step import StepPlan
 from tpserve.models import build_model
 from tpserve.ops.attention import AttentionMetadata
+from tpserve.quant import quant_method_for
 from tpserve.weights import load_weights
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class ModelRunner:
         self.cache_config = cache_config
         self.tp = tp
         self.device = tp.device
-        self.model = build_model(model_config, tp)
+        self.model = build_model(model_config, tp, quant_method_for(model_config))
         load_weights(self.model, model_dir, show_progress=show_progress and tp.is_first)
         self.block_size = cache_config.block_size
         self.max_num_batched_tokens = max_num_batched_tokens

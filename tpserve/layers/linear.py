@@ -1,12 +1,19 @@
 """Tensor-parallel linear layers.
 
-Shapes follow `torch.nn.functional.linear`: weight is [out_features_per_rank, in_features_per_rank].
-Column-parallel layers split output features across ranks (no communication); row-parallel layers
-split input features and all-reduce their partial sums. Each parameter carries a `weight_loader`
-that reads only this rank's slice of the global checkpoint tensor.
+Shapes follow `torch.nn.functional.linear`: a float weight is [out_features_per_rank,
+in_features_per_rank]. Column-parallel layers split output features across ranks (no
+communication); row-parallel layers split input features and all-reduce their partial sums.
+
+Loading: every layer describes, per checkpoint tensor (a whole projection, or one shard of a fused
+one), which part of the *global* tensor this rank holds as a `ShardPlan`. The quant method turns
+that plan into range reads of its own checkpoint format (`load`), so float and quantised
+layouts share one description of the sharding; `checkpoint_suffixes()` names the tensors a layer
+expects (e.g. "weight", or "qweight"/"scales"/... plus "bias").
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -24,14 +31,47 @@ def shard_range(total: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
     return tp_rank * size, size
 
 
+@dataclass(frozen=True)
+class ShardPlan:
+    """This rank's part of one global checkpoint projection W [out_total, in_total].
+
+    Output features [out_start, out_start + out_size) land at [out_offset, out_offset + out_size)
+    of the rank's (possibly fused) output; input features [in_start, in_start + in_size) are the
+    rank's input. At most one of the two dimensions is split."""
+
+    out_total: int
+    out_start: int
+    out_size: int
+    out_offset: int
+    in_total: int
+    in_start: int
+    in_size: int
+
+    @property
+    def in_split(self) -> bool:
+        return self.in_size != self.in_total
+
+
 class UnquantizedLinearMethod:
-    """Plain floating-point weights. Quantised methods implement the same two calls."""
+    """Plain floating-point weights. Quantised methods (tpserve.quant) implement the same calls."""
 
     name = "none"
+    checkpoint_suffixes = ("weight",)
 
     def create_weights(self, layer: "LinearBase", in_features: int, out_features: int, dtype) -> None:
         weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
         layer.register_parameter("weight", weight)
+
+    def load(self, layer: "LinearBase", suffix: str, source: TensorSource, plan: ShardPlan, shard_id) -> None:
+        check_shape(source, (plan.out_total, plan.in_total))
+        if plan.in_split:
+            data = source.read(1, plan.in_start, plan.in_start + plan.in_size)
+        else:
+            data = source.read(0, plan.out_start, plan.out_start + plan.out_size)
+        layer.weight.data[plan.out_offset : plan.out_offset + plan.out_size].copy_(data)
+
+    def finish(self, layer: "LinearBase") -> None:
+        """Called once after every checkpoint tensor of the layer was loaded."""
 
     def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
         return F.linear(x, layer.weight, bias)
@@ -63,22 +103,40 @@ class LinearBase(nn.Module):
         else:
             self.register_parameter("bias", None)
 
-    def weight_loader(self, param: nn.Parameter, source: TensorSource, shard_id=None) -> None:
+    def shard_plan(self, shard_id=None) -> ShardPlan:
         raise NotImplementedError
+
+    def checkpoint_suffixes(self) -> tuple[str, ...]:
+        """Names (after the module's own name) of the checkpoint tensors this layer reads."""
+        return tuple(self.quant_method.checkpoint_suffixes) + (("bias",) if self.bias is not None else ())
+
+    def load_checkpoint_tensor(self, suffix: str, source: TensorSource, shard_id=None) -> None:
+        plan = self.shard_plan(shard_id)
+        if suffix == "bias":
+            # Biases are never quantised; row-parallel plans cover all outputs, so this reads all.
+            check_shape(source, (plan.out_total,))
+            data = source.read(0, plan.out_start, plan.out_start + plan.out_size)
+            self.bias.data[plan.out_offset : plan.out_offset + plan.out_size].copy_(data)
+        else:
+            self.quant_method.load(self, suffix, source, plan, shard_id)
+
+    def weight_loader(self, param: nn.Parameter, source: TensorSource, shard_id=None) -> None:
+        """Per-parameter entry point (the parameter's name is the checkpoint suffix)."""
+        name = next(n for n, p in self.named_parameters(recurse=False) if p is param)
+        self.load_checkpoint_tensor(name, source, shard_id)
+
+    def finish_loading(self) -> None:
+        self.quant_method.finish(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.quant_method.apply(self, x, self.bias)
 
 
 class ReplicatedLinear(LinearBase):
     """Every rank holds the whole weight (used by small draft models on rank 0)."""
 
-    def __init__(self, in_features, out_features, bias, tp, dtype, quant_method=None):
-        super().__init__(in_features, out_features, bias, tp, dtype, quant_method)
-
-    def weight_loader(self, param, source, shard_id=None):
-        check_shape(source, tuple(param.shape))
-        param.data.copy_(source.read())
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+    def shard_plan(self, shard_id=None) -> ShardPlan:
+        return ShardPlan(self.out_features, 0, self.out_features, 0, self.in_features, 0, self.in_features)
 
 
 class ColumnParallelLinear(LinearBase):
@@ -89,14 +147,9 @@ class ColumnParallelLinear(LinearBase):
         _, out_per_rank = shard_range(out_features, tp.tp_rank, tp.tp_size)
         super().__init__(in_features, out_per_rank, bias, tp, dtype, quant_method)
 
-    def weight_loader(self, param, source, shard_id=None):
-        expected = (self.global_out_features,) + tuple(param.shape[1:])
-        check_shape(source, expected)
+    def shard_plan(self, shard_id=None) -> ShardPlan:
         start, size = shard_range(self.global_out_features, self.tp.tp_rank, self.tp.tp_size)
-        param.data.copy_(source.read(0, start, start + size))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.quant_method.apply(self, x, self.bias)
+        return ShardPlan(self.global_out_features, start, size, 0, self.in_features, 0, self.in_features)
 
 
 class MergedColumnParallelLinear(ColumnParallelLinear):
@@ -109,12 +162,11 @@ class MergedColumnParallelLinear(ColumnParallelLinear):
         self.output_sizes = list(output_sizes)
         super().__init__(in_features, sum(output_sizes), bias, tp, dtype, quant_method)
 
-    def weight_loader(self, param, source, shard_id=None):
+    def shard_plan(self, shard_id=None) -> ShardPlan:
         total = self.output_sizes[shard_id]
-        check_shape(source, (total,) + tuple(param.shape[1:]))
         start, size = shard_range(total, self.tp.tp_rank, self.tp.tp_size)
         offset = sum(s // self.tp.tp_size for s in self.output_sizes[:shard_id])
-        param.data[offset : offset + size].copy_(source.read(0, start, start + size))
+        return ShardPlan(total, start, size, offset, self.in_features, 0, self.in_features)
 
 
 class QKVParallelLinear(ColumnParallelLinear):
@@ -139,7 +191,7 @@ class QKVParallelLinear(ColumnParallelLinear):
         out_per_rank = self.q_size + 2 * self.kv_size
         LinearBase.__init__(self, hidden_size, out_per_rank, bias, tp, dtype, quant_method)
 
-    def weight_loader(self, param, source, shard_id=None):
+    def shard_plan(self, shard_id=None) -> ShardPlan:
         if shard_id == "q":
             total_heads, head_start, offset, size = (
                 self.total_num_heads, self.tp.tp_rank * self.num_heads, 0, self.q_size)
@@ -148,9 +200,8 @@ class QKVParallelLinear(ColumnParallelLinear):
             offset = self.q_size + (self.kv_size if shard_id == "v" else 0)
         else:
             raise ValueError(f"unknown qkv shard id {shard_id!r}")
-        check_shape(source, (total_heads * self.head_dim,) + tuple(param.shape[1:]))
-        start = head_start * self.head_dim
-        param.data[offset : offset + size].copy_(source.read(0, start, start + size))
+        total = total_heads * self.head_dim
+        return ShardPlan(total, head_start * self.head_dim, size, offset, self.in_features, 0, self.in_features)
 
     def split(self, qkv: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -166,14 +217,9 @@ class RowParallelLinear(LinearBase):
         self.reduce_results = reduce_results
         super().__init__(in_per_rank, out_features, bias, tp, dtype, quant_method)
 
-    def weight_loader(self, param, source, shard_id=None):
-        if param is self.bias:
-            check_shape(source, tuple(param.shape))
-            param.data.copy_(source.read())
-            return
-        check_shape(source, (param.shape[0], self.global_in_features))
+    def shard_plan(self, shard_id=None) -> ShardPlan:
         start, size = shard_range(self.global_in_features, self.tp.tp_rank, self.tp.tp_size)
-        param.data.copy_(source.read(1, start, start + size))
+        return ShardPlan(self.out_features, 0, self.out_features, 0, self.global_in_features, start, size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tp.tp_size == 1:

@@ -15,7 +15,7 @@ from tpserve.config import ModelConfig
 from tpserve.distributed import TPGroup
 from tpserve.layers.attention import Attention
 from tpserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
-from tpserve.layers.linear import MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
+from tpserve.layers.linear import LinearBase, MergedColumnParallelLinear, QKVParallelLinear, RowParallelLinear
 from tpserve.layers.norm import RMSNorm
 from tpserve.layers.rotary import RotaryEmbedding
 from tpserve.ops.attention import AttentionMetadata
@@ -123,14 +123,25 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head.compute_logits(hidden)
 
     def checkpoint_names(self) -> dict[str, tuple[str, object]]:
-        """Every checkpoint tensor name this model expects -> (parameter name, shard id)."""
+        """Every checkpoint tensor name this model expects -> (target name, shard id).
+
+        A linear layer's tensors depend on its quant method (`weight`, or e.g. GPTQ's `qweight`,
+        `qzeros`, `scales`, `g_idx`) plus `bias`; the target is "<module>.<suffix>", which the
+        loader hands to the module's `load_checkpoint_tensor`. Other targets are parameters."""
         names: dict[str, tuple[str, object]] = {}
-        for param_name, _ in self.named_parameters(remove_duplicate=True):
-            stacked = [s for s in self.STACKED_PARAMS if f".{s[0]}." in param_name]
-            for fused, original, shard_id in stacked:
-                names[param_name.replace(fused, original)] = (param_name, shard_id)
-            if not stacked:
-                names[param_name] = (param_name, None)
+        params = dict(self.named_parameters(remove_duplicate=True))
+        for mod_name, module in self.named_modules():
+            if isinstance(module, LinearBase):
+                targets = [f"{mod_name}.{s}" for s in module.checkpoint_suffixes()]
+            else:
+                targets = [f"{mod_name}.{n}" if mod_name else n for n, _ in module.named_parameters(recurse=False)]
+                targets = [t for t in targets if t in params]  # tied weights appear once
+            fused = [s for s in self.STACKED_PARAMS if mod_name.endswith(f".{s[0]}")]
+            for target in targets:
+                for fused_name, original, shard_id in fused:
+                    names[target.replace(f".{fused_name}.", f".{original}.")] = (target, shard_id)
+                if not fused:
+                    names[target] = (target, None)
         return names
 
     def ignorable(self, name: str) -> bool:

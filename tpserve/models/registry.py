@@ -18,12 +18,15 @@ MODEL_REGISTRY: dict[str, type[nn.Module]] = {
 
 
 def build_model(config: ModelConfig, tp: TPGroup, quant=None) -> nn.Module:
-    """Construct the model with uninitialised weights for this rank, on `tp.device`."""
+    """Construct the model with uninitialised weights for this rank, on `tp.device`. `quant` is
+    the linear method of every q/k/v/o/gate/up/down projection (tpserve.quant), None for float."""
     cls = MODEL_REGISTRY.get(config.architecture)
     if cls is None:
         raise ConfigError(
             f"architecture {config.architecture!r} is not supported; supported: {sorted(MODEL_REGISTRY)}"
         )
     config.check_tp(tp.tp_size)
+    if quant is not None:
+        quant.check_tp(config, tp.tp_size)  # groups vs row-parallel shards, before any allocation
     with tp.device:
         return cls(config, tp, quant).eval()

@@ -7,6 +7,7 @@ reads only this rank's slice through safetensors' lazy `get_slice`.
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -67,20 +68,36 @@ def _plan(model: nn.Module, tensor_files: dict[str, Path]) -> dict[str, tuple[st
 
 
 def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = True) -> None:
-    """Fill every parameter of `model` (already built for this rank) from `model_dir`."""
+    """Fill every parameter of `model` (already built for this rank) from `model_dir`.
+
+    A target "<module>.<suffix>" goes to the module's `load_checkpoint_tensor` when it has one
+    (linear layers, whose quant method decides what the suffixes are), else to the parameter's
+    `weight_loader`. Every file stays open until all tensors are in, because a quantised layer may
+    convert a projection only once all of its tensors (possibly in different files) have arrived;
+    `finish_loading` then lets each module check that nothing is left half-loaded."""
     tensor_files = find_checkpoint_files(model_dir)
     plan = _plan(model, tensor_files)
     params = dict(model.named_parameters(remove_duplicate=True))
+    modules = dict(model.named_modules())
     by_file: dict[Path, list[str]] = {}
     for name in plan:
         by_file.setdefault(tensor_files[name], []).append(name)
     bar = tqdm(total=len(plan), desc="loading weights", unit="tensor", disable=not show_progress)
-    for path, names in by_file.items():
-        with safe_open(path, framework="pt") as f:
+    with contextlib.ExitStack() as stack:
+        for path, names in by_file.items():
+            f = stack.enter_context(safe_open(path, framework="pt"))
             for name in names:
-                param_name, shard_id = plan[name]
-                param = params[param_name]
-                loader = getattr(param, "weight_loader", default_weight_loader)
-                loader(param, SafetensorsSource(name, f.get_slice(name)), shard_id)
+                target, shard_id = plan[name]
+                source = SafetensorsSource(name, f.get_slice(name))
+                module_name, _, suffix = target.rpartition(".")
+                module = modules.get(module_name)
+                if module is not None and hasattr(module, "load_checkpoint_tensor"):
+                    module.load_checkpoint_tensor(suffix, source, shard_id)
+                else:
+                    param = params[target]
+                    getattr(param, "weight_loader", default_weight_loader)(param, source, shard_id)
                 bar.update(1)
+        for module in modules.values():
+            if hasattr(module, "finish_loading"):
+                module.finish_loading()
     bar.close()
