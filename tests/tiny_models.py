@@ -113,10 +113,11 @@ def rtn_int4_groups(w: torch.Tensor, group_size: int, sym: bool, g_idx: torch.Te
     k // group_size). Scales are rounded to fp16 (as GPTQ/AWQ store them). Returns q [N, K],
     scales fp16 [K // G, N], zeros int64 [K // G, N] and the dequantised w_deq [N, K] fp32."""
     n, k = w.shape
+    num_groups = -(-k // group_size)  # the last group may be partial
     g_idx = torch.arange(k) // group_size if g_idx is None else g_idx.long()
-    scales = torch.zeros(k // group_size, n)
-    zeros = torch.zeros(k // group_size, n, dtype=torch.int64)
-    for g in range(k // group_size):
+    scales = torch.zeros(num_groups, n)
+    zeros = torch.zeros(num_groups, n, dtype=torch.int64)
+    for g in range(num_groups):
         wg = w[:, g_idx == g].float()
         if sym:
             s, z = wg.abs().amax(1) / 7.0, torch.full((n,), 8)
@@ -226,3 +227,14 @@ def build_quantized_tiny(out_dir, name: str, fmt: str, group_size: int, sym: boo
     _save_spread(quant, qdir)
     _save_spread(deq, ddir, 1)
     return qdir, ddir
+
+
+def dequantize_int4_ragged(qweight, scales, zeros, group_size):
+    """tpserve.ops.quant.dequantize_int4 that also accepts a partial last group (K % G != 0)."""
+    from tpserve.ops.quant import unpack_int4
+
+    q = unpack_int4(qweight).float()  # [N, K]
+    k = q.shape[1]
+    s = scales.float().t().repeat_interleave(group_size, dim=1)[:, :k]
+    z = zeros.float().t().repeat_interleave(group_size, dim=1)[:, :k]
+    return (q - z) * s

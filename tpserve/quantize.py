@@ -6,6 +6,7 @@ Every q/k/v/o/gate/up/down projection weight W [N, K] becomes (tpserve.ops.quant
     int8: <proj>.qweight int8 [N, K], <proj>.scales fp32 [N]               (symmetric, per channel)
     int4: <proj>.qweight int32 [K // 8, N], <proj>.scales fp32 [K // G, N],
           <proj>.zeros uint8 [K // G, N]                            (asymmetric, or --sym: zero 8)
+          (K // G rounds up: when G does not divide K the last group is partial)
 Embeddings, the LM head, norms and biases are copied unchanged, in the checkpoint's dtype. The
 output holds safetensors (sharded with model.safetensors.index.json above --max-shard-size),
 config.json with `quantization_config`, and copies of generation_config.json and the tokenizer
@@ -87,7 +88,12 @@ def quantize_tensor(name: str, w: torch.Tensor, method: str, group_size: int, sy
     if method == "int8":
         q, s = quantize_int8(w)
         return {f"{prefix}.qweight": q, f"{prefix}.scales": s}
-    q, s, z = quantize_int4(w, group_size, symmetric=sym)
+    k = w.shape[1]
+    extra = -k % group_size
+    # A partial last group: quantise it padded with zero columns, which change neither its
+    # asymmetric range (always widened to include 0) nor its absmax, then drop the padding.
+    q, s, z = quantize_int4(torch.nn.functional.pad(w, (0, extra)), group_size, symmetric=sym)
+    q = q[: k // 8].contiguous()
     return {f"{prefix}.qweight": q, f"{prefix}.scales": s, f"{prefix}.zeros": z}
 
 
@@ -145,7 +151,7 @@ def quantize_checkpoint(model_dir, output_dir, method: str, group_size: int = 12
     quant = QuantConfig.from_hf({"quantization_config": qdict})  # validates bits and group size
     supported, refused = tp_report(model_config, quant)
     if 1 not in supported:
-        raise ConfigError(f"cannot quantise with group_size={group_size}: " + "; ".join(refused[:1]))
+        raise ConfigError(f"cannot quantise {model_dir}: " + "; ".join(refused[:1]))
     if out.resolve() == model_dir.resolve():
         raise ConfigError("--output must differ from --model")
     if out.exists() and any(out.glob("*.safetensors")):

@@ -1,6 +1,7 @@
 """Quantised checkpoints through the whole model at TP = 1 (in process) and TP = 2 (gloo ranks):
 GPTQ (plain, act-order, v1/v2, sym/asym) and AWQ checkpoints built by the tests' own packers, and
-`tpserve.quantize` int8 / int4 outputs, each against the float checkpoint holding its dequantised
+`tpserve.quantize` int8 / int4 outputs (and, at TP 1, group sizes that leave a partial last
+group), each against the float checkpoint holding its dequantised
 weights. Both run in float32, so logits must agree to ~1e-4 relative."""
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dist_harness import run_ranks
-from tiny_models import build_quantized_tiny, build_tiny_model
-from tpserve.ops.quant import dequantize_int4
+from tiny_models import build_quantized_tiny, build_tiny_model, dequantize_int4_ragged
 
 LOGIT_RTOL = 1e-4
 GROUP = 32
@@ -33,7 +33,8 @@ def dequantized_copy(qdir, out):
             if qc["bits"] == 8:
                 w = t.float() * tensors[f"{prefix}.scales"].float()[:, None]
             else:
-                w = dequantize_int4(t, tensors[f"{prefix}.scales"], tensors[f"{prefix}.zeros"], qc["group_size"])
+                w = dequantize_int4_ragged(t, tensors[f"{prefix}.scales"], tensors[f"{prefix}.zeros"],
+                                           qc["group_size"])
             floats[f"{prefix}.weight"] = w.contiguous()
         elif leaf not in ("scales", "zeros"):
             floats[name] = t
@@ -61,6 +62,19 @@ def cases(tiny_dir):
             quantize_checkpoint(build_tiny_model(tiny_dir, name), qdir, method, group, sym,
                                 max_shard_size=40_000, log=lambda *_: None)
         built[label] = (qdir, dequantized_copy(qdir, tiny_dir / f"{name}-tool-{label}-deq"))
+    return {label: (str(q), str(d)) for label, (q, d) in built.items()}
+
+
+@pytest.fixture(scope="module")
+def partial_group_cases(tiny_dir):
+    """G=48 ends every K (64, 128) in a partial group: loadable only where K is not split (TP 1)."""
+    from tpserve.quantize import quantize_checkpoint
+
+    qdir = tiny_dir / "llama_gqa-tool-int4-g48"
+    if not (qdir / "config.json").is_file():
+        quantize_checkpoint(build_tiny_model(tiny_dir, "llama_gqa"), qdir, "int4", 48, log=lambda *_: None)
+    built = {"gptq-act-g48": build_quantized_tiny(tiny_dir, "llama_gqa", "gptq", 48, act_order=True),
+             "int4-g48": (qdir, dequantized_copy(qdir, tiny_dir / "llama_gqa-tool-int4-g48-deq"))}
     return {label: (str(q), str(d)) for label, (q, d) in built.items()}
 
 
@@ -105,7 +119,8 @@ def _check(cases, results, tp_size):
         assert rel <= LOGIT_RTOL, f"{label} tp={tp_size}: relative logit error {rel:.2e}"
 
 
-def test_quantised_checkpoints_tp1(cases):
+def test_quantised_checkpoints_tp1(cases, partial_group_cases):
+    cases = {**cases, **partial_group_cases}
     _check(cases, _all(list(cases.values())), 1)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_models import awq_tensors, gptq_tensors
+from tiny_models import awq_tensors, dequantize_int4_ragged, gptq_tensors
 from tpserve.config import ConfigError
 from tpserve.distributed import TPGroup
 from tpserve.layers.linear import (
@@ -20,8 +20,9 @@ from tpserve.layers.linear import (
     RowParallelLinear,
 )
 from tpserve.layers.sources import InMemorySource
-from tpserve.ops.quant import dequantize_int4, quantize_int4, quantize_int8
+from tpserve.ops.quant import dequantize_int4, quantize_int8
 from tpserve.quant import QuantConfig, QuantFormatError, get_quant_method
+from tpserve.quantize import quantize_tensor
 
 
 class LocalGroup(TPGroup):
@@ -86,9 +87,9 @@ def test_gptq_qkv_matches_dequantised(sym, act, v2, num_kv, tp_size):
 
 
 @pytest.mark.parametrize("fmt", ["gptq", "gptq-act", "awq", "tpserve"])
-@pytest.mark.parametrize("tp_size", [1, 2])
-def test_merged_gate_up_matches_dequantised(fmt, tp_size):
-    hidden, inter, group = 64, 48, 32
+@pytest.mark.parametrize("hidden,tp_size", [(64, 1), (64, 2), (80, 2)])
+def test_merged_gate_up_matches_dequantised(fmt, hidden, tp_size):
+    inter, group = 48, 32  # hidden 80: a partial last group of 16 rows
     torch.manual_seed(1)
     g_idx = random_g_idx(hidden, group, 2)
     parts = []
@@ -97,8 +98,8 @@ def test_merged_gate_up_matches_dequantised(fmt, tp_size):
         if fmt == "awq":
             parts.append(awq_tensors(w, group))
         elif fmt == "tpserve":
-            qw, s, z = quantize_int4(w, group)
-            parts.append(({"qweight": qw, "scales": s, "zeros": z}, dequantize_int4(qw, s, z, group)))
+            t = {n.removeprefix("w."): v for n, v in quantize_tensor("w.weight", w, "int4", group, False).items()}
+            parts.append((t, dequantize_int4_ragged(t["qweight"], t["scales"], t["zeros"], group)))
         else:
             parts.append(gptq_tensors(w, group, False, g_idx if fmt == "gptq-act" else None))
     quant = {"gptq": gptq(group), "gptq-act": gptq(group, act=True),
@@ -129,15 +130,21 @@ def _row_tensors(fmt, w, group, seed):
                                                                                 "v2" in fmt)
     if fmt == "awq":
         return awq_tensors(w, group), method(quant_method="awq", bits=4, group_size=group)
-    qw, s, z = quantize_int4(w, group, symmetric=fmt.endswith("sym"))
-    return (({"qweight": qw, "scales": s, "zeros": z}, dequantize_int4(qw, s, z, group)),
+    t = quantize_tensor("w.weight", w, "int4", group, fmt.endswith("sym"))
+    t = {name.removeprefix("w."): v for name, v in t.items()}
+    return ((t, dequantize_int4_ragged(t["qweight"], t["scales"], t["zeros"], group)),
             method(quant_method="tpserve", bits=4, group_size=group, sym=fmt.endswith("sym")))
 
 
-@pytest.mark.parametrize("fmt", ROW_FORMATS)
-@pytest.mark.parametrize("tp_size", [1, 2, 4])
-def test_row_parallel_matches_dequantised(fmt, tp_size):
-    k, n, group = 64, 24, 16
+# K=80, G=32: the last group has 16 rows. K=96 at TP 2: 48-row shards cut 32-row groups, which
+# only act-order (padded per group) accepts.
+ROW_CASES = [(fmt, *shape) for fmt in ROW_FORMATS for shape in ((64, 16, 1), (64, 16, 2), (64, 16, 4), (80, 32, 1))]
+ROW_CASES += [(fmt, 96, 32, 2) for fmt in ROW_FORMATS if "act" in fmt]
+
+
+@pytest.mark.parametrize("fmt,k,group,tp_size", ROW_CASES)
+def test_row_parallel_matches_dequantised(fmt, k, group, tp_size):
+    n = 24
     torch.manual_seed(2)
     (tensors, w_deq), quant = _row_tensors(fmt, torch.randn(n, k), group, seed=3)
     slices, padded = [], []
@@ -147,10 +154,13 @@ def test_row_parallel_matches_dequantised(fmt, tp_size):
         slices.append(effective(layer))
         padded.append(layer.act_pad)
         if "act" not in fmt:
-            assert layer.qweight.shape == (k // tp_size // 8, n) and layer.scales.shape == (k // tp_size // group, n)
+            groups = -(-k // tp_size // group)
+            assert layer.qweight.shape == (groups * group // 8, n) and layer.scales.shape == (groups, n)
+            assert layer.k_pad == groups * group - k // tp_size
     assert torch.equal(torch.cat(slices, dim=1), w_deq)
-    # A random g_idx scatters each group over all ranks: K/tp-row shards must be padded.
-    assert any(padded) == ("act" in fmt and tp_size > 1)
+    # A random g_idx scatters each group over all ranks: K/tp-row shards must be padded, and so
+    # must a partial last group.
+    assert any(padded) == ("act" in fmt and (tp_size > 1 or k % group > 0))
 
 
 @pytest.mark.parametrize("tp_size", [1, 2])

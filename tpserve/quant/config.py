@@ -101,17 +101,20 @@ class QuantConfig:
     def tp_problem(self, config: ModelConfig, tp_size: int) -> str | None:
         """Why a `tp_size`-way split of this checkpoint is impossible, or None when it is fine.
 
-        Column-parallel layers keep all K rows, so only K % group_size matters. Row-parallel layers
-        (o_proj, down_proj) give each rank K / tp rows, which must hold whole groups, or, with
-        GPTQ act-order (rows padded per group at load), whole 8-row int32 packs."""
+        K must be a multiple of 8 (int32 packs); it may end in a partial group where it is not
+        split (column-parallel layers, TP = 1). Row-parallel layers (o_proj, down_proj) give each
+        rank K / tp rows, which must hold whole groups, or, with GPTQ act-order (rows padded per
+        group at load), whole 8-row packs."""
         if self.bits == 8:
             return None
         g = self.group_size
         row = {"o_proj": config.num_attention_heads * config.head_dim, "down_proj": config.intermediate_size}
         col = {"q/k/v/gate/up_proj": config.hidden_size}
-        for name, k in col.items():
-            if k % g:
-                return f"{name} has K={k} input features, not a multiple of group_size={g}"
+        for name, k in {**col, **row}.items():
+            if k % 8:
+                return f"{name} has K={k} input features, not a multiple of 8 (the int32 packing)"
+        if tp_size == 1:
+            return None  # an unsplit K may end in a partial group
         for name, k in row.items():
             if k % tp_size:
                 return f"{name} K={k} is not divisible by tp_size={tp_size}"

@@ -12,6 +12,11 @@ Global checkpoint tensors (K = in_features, N = out_features, G = group_size):
     AWQ   qweight int32 [K, N // 8]  packed along N with nibble p holding column 8c + AWQ_ORDER[p]
           qzeros  int32 [K // G, N // 8]  same interleave;  scales fp16 [K // G, N]
 
+K need not be a multiple of G: the last group may be partial (scales [ceil(K / G), N]), as GPTQ
+and AWQ quantisers produce for such K. A shard must still start on a group boundary; only the
+shard holding the end of K may end inside a group. The layer pads such a shard to whole groups
+with zero-weight rows and pads x with zeros (`pad_last_group`).
+
 Every `read_*` returns an `Int4Shard` in the kernel layout for the rank's ShardPlan: output
 columns [out_start, out_start + out_size) (column-parallel, all K rows) or input rows
 [in_start, in_start + in_size) (row-parallel, all N columns). Only those ranges are read, except
@@ -81,16 +86,22 @@ def _scales(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.float32)  # fp16/bf16 -> fp32 is exact; the kernels accept fp32 scales
 
 
+def num_groups(k: int, group: int) -> int:
+    return -(-k // group)
+
+
 def _k_rows(plan: ShardPlan, unit: int) -> tuple[int, int]:
-    if plan.in_start % unit or plan.in_size % unit:
-        raise QuantFormatError(f"input rows [{plan.in_start}, {plan.in_start + plan.in_size}) are not aligned "
-                               f"to {unit} rows")
-    return plan.in_start // unit, (plan.in_start + plan.in_size) // unit
+    """[first, end) of the `unit`-row blocks (8-row packs or groups) covering the rank's input
+    rows; the shard must start on a block boundary and end on one or at the end of K."""
+    end = plan.in_start + plan.in_size
+    if plan.in_start % unit or (end % unit and end != plan.in_total):
+        raise QuantFormatError(f"input rows [{plan.in_start}, {end}) of {plan.in_total} are not aligned to {unit} rows")
+    return plan.in_start // unit, -(-end // unit)
 
 
 def read_tpserve_int4(src: dict[str, TensorSource], plan: ShardPlan, group: int) -> Int4Shard:
     """tpserve int4: already the kernel layout; column shards read dim 1, row shards dim 0."""
-    k, n, gk = plan.in_total, plan.out_total, plan.in_total // group
+    k, n, gk = plan.in_total, plan.out_total, num_groups(plan.in_total, group)
     check_shape(src["qweight"], (k // 8, n))
     check_shape(src["scales"], (gk, n))
     check_shape(src["zeros"], (gk, n))
@@ -104,7 +115,7 @@ def read_tpserve_int4(src: dict[str, TensorSource], plan: ShardPlan, group: int)
 
 
 def read_gptq(src: dict[str, TensorSource], plan: ShardPlan, group: int, act_order: bool, v2: bool) -> Int4Shard:
-    k, n, gk = plan.in_total, plan.out_total, plan.in_total // group
+    k, n, gk = plan.in_total, plan.out_total, num_groups(plan.in_total, group)
     check_shape(src["qweight"], (k // 8, n))
     check_shape(src["qzeros"], (gk, -(-n // 8)))
     check_shape(src["scales"], (gk, n))
@@ -137,7 +148,7 @@ def read_gptq(src: dict[str, TensorSource], plan: ShardPlan, group: int, act_ord
 
 
 def read_awq(src: dict[str, TensorSource], plan: ShardPlan, group: int) -> Int4Shard:
-    k, n, gk = plan.in_total, plan.out_total, plan.in_total // group
+    k, n, gk = plan.in_total, plan.out_total, num_groups(plan.in_total, group)
     check_shape(src["qweight"], (k, -(-n // 8)))
     check_shape(src["qzeros"], (gk, -(-n // 8)))
     check_shape(src["scales"], (gk, n))
@@ -164,9 +175,12 @@ def act_order_layout(shard: Int4Shard, group: int, full_k: bool) -> tuple[Int4Sh
     k_local = g_idx.numel()
     order = torch.argsort(g_idx, stable=True)
     groups, counts = torch.unique_consecutive(g_idx[order], return_counts=True)
-    if full_k and (counts.numel() * group != k_local or bool((counts != group).any())):
-        raise QuantFormatError(f"g_idx must give every one of the {k_local // group} groups exactly "
-                               f"{group} rows; got group sizes {counts.tolist()[:16]}")
+    if full_k:  # every group has G rows, but a partial last group when G does not divide K
+        expected = torch.full((num_groups(k_local, group),), group)
+        expected[-1] = k_local - group * (expected.numel() - 1)
+        if counts.shape != expected.shape or not torch.equal(counts, expected):
+            raise QuantFormatError(f"g_idx must give each of the {expected.numel()} groups {group} rows "
+                                   f"(the last {int(expected[-1])}); got group sizes {counts.tolist()[:16]}")
     if bool((counts > group).any()):
         raise QuantFormatError(f"g_idx puts more than group_size={group} rows in one group")
     num = groups.numel()
@@ -184,3 +198,15 @@ def act_order_layout(shard: Int4Shard, group: int, full_k: bool) -> tuple[Int4Sh
         pad_group = torch.arange(num * group)[pad] // group
         q_ext[:, pad] = zeros[pad_group].t().clamp(max=15).to(q_ext.dtype)
     return Int4Shard(pack_int4(q_ext), scales, zeros), index
+
+
+def pad_last_group(shard: Int4Shard, group: int) -> Int4Shard:
+    """Extend a shard whose K_l rows end inside its last group to whole groups: the added rows
+    hold the last group's zero point (weight exactly 0); the layer pads x with zeros to match."""
+    k_local = shard.qweight.shape[0] * 8
+    extra = shard.scales.shape[0] * group - k_local
+    if extra == 0:
+        return shard
+    pad_q = shard.zeros[-1].clamp(max=15).to(torch.int64)[:, None].expand(-1, extra)  # [n, extra]
+    qweight = torch.cat([shard.qweight, pack_int4(pad_q)], dim=0)
+    return Int4Shard(qweight, shard.scales, shard.zeros, shard.g_idx)

@@ -4,8 +4,9 @@ sharded loading from the three checkpoint formats, and the matmul calls.
 Per rank (K_l = in_features_per_rank, N_l = out_features_per_rank, G = group_size):
     Int8LinearMethod  qweight int8 [N_l, K_l], scales fp32 [N_l]
     Int4LinearMethod  qweight int32 [K_l // 8, N_l], scales fp32 [K_l // G, N_l],
-                      zeros uint8 [K_l // G, N_l]; GPTQ act-order adds act_index int64 [Kp]
-                      (rows after sorting by group and padding, see tpserve.quant.formats)
+                      zeros uint8 [K_l // G, N_l]; K_l rounds up to whole groups when G does
+                      not divide it (zero rows, x zero-padded); GPTQ act-order adds act_index
+                      int64 [Kp] (rows after sorting by group and padding, tpserve.quant.formats)
 Column-parallel layers hold all K rows and a slice of N; row-parallel layers hold all N columns
 and the rank's K rows, which must be whole groups (`QuantConfig.tp_problem`). Scales are kept in
 fp32 (exact for fp16/bf16 checkpoints; the kernels accept fp32 with any activation dtype).
@@ -31,6 +32,7 @@ from tpserve.quant.formats import (
     Int4Shard,
     QuantFormatError,
     act_order_layout,
+    pad_last_group,
     read_awq,
     read_gptq,
     read_tpserve_int4,
@@ -97,16 +99,20 @@ class Int4LinearMethod(QuantMethodBase):
 
     def create_weights(self, layer, in_features: int, out_features: int, dtype) -> None:
         g = self.config.group_size
-        unit = 8 if self.act_order else g
+        k_total = getattr(layer, "global_in_features", in_features)
+        # A split K must fall on group boundaries (act-order shards are padded per group instead);
+        # an unsplit K may end in a partial group. Either way the int32 packs hold 8 whole rows.
+        unit = g if k_total != in_features and not self.act_order else 8
         if in_features % unit:
-            k_total = getattr(layer, "global_in_features", in_features)
-            what = "the 8-row int32 packing" if self.act_order else f"a quantisation group of {g} rows"
+            what = f"a quantisation group of {g} rows" if unit == g else "the 8-row int32 packing"
             raise ConfigError(
                 f"{type(layer).__name__} with K={k_total} input features split {k_total // in_features} ways "
                 f"holds {in_features} rows per rank, not a multiple of {unit}: a shard would cut {what}")
-        # Act-order row-parallel shards are resized at load (padding depends on g_idx).
+        # Rows are padded to whole groups (zero weights, zero activations); act-order row-parallel
+        # shards are resized at load, as their padding depends on g_idx.
         groups = -(-in_features // g)
-        _param(layer, "qweight", (in_features // 8, out_features), torch.int32)
+        layer.k_pad = groups * g - in_features
+        _param(layer, "qweight", (groups * g // 8, out_features), torch.int32)
         _param(layer, "scales", (groups, out_features), torch.float32)
         _param(layer, "zeros", (groups, out_features), torch.uint8)
         layer.register_buffer("act_index", None)
@@ -124,6 +130,8 @@ class Int4LinearMethod(QuantMethodBase):
         if shard.g_idx is not None:
             shard, index = act_order_layout(shard, self.config.group_size, full_k=not plan.in_split)
             self._set_act_index(layer, index, stage["g_idx"].name)
+        else:
+            shard = pad_last_group(shard, self.config.group_size)
         self._write(layer, shard, plan)
 
     def _read(self, src: dict[str, TensorSource], plan: ShardPlan) -> Int4Shard:
@@ -168,6 +176,8 @@ class Int4LinearMethod(QuantMethodBase):
             if layer.act_pad:
                 x = F.pad(x, (0, 1))  # the zero column that padding rows read
             x = x.index_select(-1, layer.act_index)
+        elif layer.k_pad:
+            x = F.pad(x, (0, layer.k_pad))  # K ends inside a group: zeros meet the zero-weight rows
         return w4a16_matmul(x, layer.qweight, layer.scales, layer.zeros, self.config.group_size, bias)
 
 
