@@ -4,8 +4,9 @@ difference comes from the weights.
 
 Per variant: perplexity on held-out text (the model directory's heldout_files.txt, paths relative
 to this Python's stdlib; at most --max-tokens tokens in non-overlapping windows of --window),
-bytes of all linear and embedding weights as stored (bf16 counted at 2 bytes per weight; it is
-evaluated as bf16-rounded weights in float32), teacher-forced top-1 agreement with float32 at every
+bytes of all linear and embedding weights as stored (float32 at 4 bytes, bf16 at 2 bytes per
+weight, evaluated as bf16-rounded weights in float32; quantised variants with their scales and
+zeros, embeddings and LM head in the checkpoint's dtype), teacher-forced top-1 agreement with float32 at every
 scored position, and exact match of --gen-tokens greedy continuations of --num-prompts prompts.
 int8 / int4 checkpoints are written by `tpserve.quantize` (round-to-nearest) into a temp dir.
 
@@ -45,9 +46,10 @@ def heldout_tokens(model_dir: Path, max_tokens: int) -> list[int]:
     return ids[:max_tokens]
 
 
-def weight_bytes(model, bytes_per_float: int | None = None, linear_only: bool = False) -> int:
-    """Bytes of every linear and embedding tensor (quantised ones with their scales, zeros and
-    act-order indices), each tied tensor once; `bytes_per_float` recounts float tensors."""
+def weight_bytes(model, float_bytes: int, linear_only: bool = False) -> int:
+    """Bytes of every linear and embedding tensor as a deployment stores it: float weights and
+    biases at `float_bytes` each (the variant's dtype; every variant is evaluated in float32),
+    quantised tensors (qweight, scales, zeros, act-order index) at their own size; tied once."""
     from tpserve.layers.embedding import VocabParallelEmbedding
     from tpserve.layers.linear import LinearBase
 
@@ -56,11 +58,11 @@ def weight_bytes(model, bytes_per_float: int | None = None, linear_only: bool = 
     for module in model.modules():
         if not isinstance(module, kinds):
             continue
-        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
+        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
             if id(t) in seen:
                 continue
             seen.add(id(t))
-            size = bytes_per_float if bytes_per_float and t.is_floating_point() else t.element_size()
+            size = float_bytes if name in ("weight", "bias") else t.element_size()
             total += t.numel() * size
     return total
 
@@ -149,8 +151,11 @@ def main() -> None:
     from tpserve.bundled import DEFAULT_MODEL_DIR
     from tpserve.quantize import quantize_checkpoint
 
+    from tpserve.config import ModelConfig
+
     torch.manual_seed(0)
     model_dir = Path(args.model or DEFAULT_MODEL_DIR)
+    checkpoint_dtype = ModelConfig.from_dir(model_dir).dtype
     ids = heldout_tokens(model_dir, args.max_tokens)
     windows = [ids[i : i + args.window] for i in range(0, len(ids) - args.window + 1, args.window)]
     step = max(1, len(windows) // args.num_prompts)
@@ -174,7 +179,8 @@ def main() -> None:
                 round_weights_bf16(runner.model)
             nll, argmax = score(runner, windows, args.batch_windows)
             gen = greedy(runner, prompts, args.gen_tokens)
-            per_float = 2 if label == "bf16" else None
+            # float32 / bf16 by name; quantised variants keep embeddings in the checkpoint's dtype.
+            per_float = {"float32": 4, "bf16": 2}.get(label) or checkpoint_dtype.itemsize
             row = {"variant": label, "quantization": runner.model_config.quantization,
                    "weight_MiB": weight_bytes(runner.model, per_float) / 2**20,
                    "linear_MiB": weight_bytes(runner.model, per_float, linear_only=True) / 2**20,
