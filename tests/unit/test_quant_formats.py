@@ -232,3 +232,40 @@ def test_config_names():
     assert name(quant_method="tpserve", bits=4, group_size=128, sym=True) == "int4-g128"
     assert name(quant_method="gptq", bits=4, group_size=128, desc_act=True) == "gptq-4bit-g128"
     assert name(quant_method="awq", bits=4, group_size=64, zero_point=True, version="gemm") == "awq-4bit-g64"
+
+
+def test_gptq_zero_bias_of_biasless_layer_accepted_nonzero_refused(tiny_dir, tmp_path):
+    """GPTQ exporters may store all-zero biases for layers without one: read, checked, dropped."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from tiny_models import build_quantized_tiny
+    from tpserve.config import ModelConfig
+    from tpserve.models import build_model
+    from tpserve.quant import quant_method_for
+    from tpserve.weights import CheckpointError, load_weights
+
+    qdir, _ = build_quantized_tiny(tiny_dir, "llama_gqa", "gptq", 32)
+    tensors = {}
+    for f in sorted(qdir.glob("*.safetensors")):
+        tensors.update(load_file(f))
+    model_dir = tmp_path / "m"
+    model_dir.mkdir()
+    shutil.copy(qdir / "config.json", model_dir)
+    cfg = ModelConfig.from_dir(model_dir, "float32")
+    name = "model.layers.0.self_attn.k_proj.bias"
+    for value, ok in ((0.0, True), (0.5, False)):
+        save_file({**tensors, name: torch.full((16,), value)}, model_dir / "model.safetensors")
+        model = build_model(cfg, TPGroup(), quant_method_for(cfg))
+        assert model.optional_checkpoint_names()[name] == ("model.layers.0.self_attn.qkv_proj.bias", "k")
+        if ok:
+            load_weights(model, model_dir, show_progress=False)
+        else:
+            with pytest.raises(ValueError, match=f"'{name}' is not zero"):
+                load_weights(model, model_dir, show_progress=False)
+    # Any other stray tensor is still an error.
+    stray = {"model.layers.0.self_attn.k_proj.weight": torch.zeros(16, 64)}
+    save_file({**tensors, **stray}, model_dir / "model.safetensors")
+    with pytest.raises(CheckpointError, match="unexpected tensors.*k_proj.weight"):
+        load_weights(build_model(cfg, TPGroup(), quant_method_for(cfg)), model_dir, show_progress=False)

@@ -110,9 +110,18 @@ class LinearBase(nn.Module):
         """Names (after the module's own name) of the checkpoint tensors this layer reads."""
         return tuple(self.quant_method.checkpoint_suffixes) + (("bias",) if self.bias is not None else ())
 
+    def optional_checkpoint_suffixes(self) -> tuple[str, ...]:
+        """Tensors a checkpoint may carry that this layer does not need: GPTQ exporters may store
+        an all-zero `bias` for layers without one. It is read and must be zero."""
+        return ("bias",) if self.bias is None and getattr(self.quant_method, "zero_bias_allowed", False) else ()
+
     def load_checkpoint_tensor(self, suffix: str, source: TensorSource, shard_id=None) -> None:
         plan = self.shard_plan(shard_id)
-        if suffix == "bias":
+        if suffix == "bias" and self.bias is None:
+            if bool(source.read().any()):
+                raise ValueError(f"checkpoint tensor {source.name!r} is not zero, but the model config "
+                                 "gives this layer no bias")
+        elif suffix == "bias":
             # Biases are never quantised; row-parallel plans cover all outputs, so this reads all.
             check_shape(source, (plan.out_total,))
             data = source.read(0, plan.out_start, plan.out_start + plan.out_size)

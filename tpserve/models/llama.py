@@ -128,11 +128,21 @@ class LlamaForCausalLM(nn.Module):
         A linear layer's tensors depend on its quant method (`weight`, or e.g. GPTQ's `qweight`,
         `qzeros`, `scales`, `g_idx`) plus `bias`; the target is "<module>.<suffix>", which the
         loader hands to the module's `load_checkpoint_tensor`. Other targets are parameters."""
+        return self._names(optional=False)
+
+    def optional_checkpoint_names(self) -> dict[str, tuple[str, object]]:
+        """Names a checkpoint may hold or omit (e.g. GPTQ's all-zero biases), same mapping."""
+        return self._names(optional=True)
+
+    def _names(self, optional: bool) -> dict[str, tuple[str, object]]:
         names: dict[str, tuple[str, object]] = {}
         params = dict(self.named_parameters(remove_duplicate=True))
         for mod_name, module in self.named_modules():
             if isinstance(module, LinearBase):
-                targets = [f"{mod_name}.{s}" for s in module.checkpoint_suffixes()]
+                suffixes = module.optional_checkpoint_suffixes() if optional else module.checkpoint_suffixes()
+                targets = [f"{mod_name}.{s}" for s in suffixes]
+            elif optional:
+                continue
             else:
                 targets = [f"{mod_name}.{n}" if mod_name else n for n, _ in module.named_parameters(recurse=False)]
                 targets = [t for t in targets if t in params]  # tied weights appear once

@@ -96,6 +96,7 @@ class Int4LinearMethod(QuantMethodBase):
         super().__init__(config)
         self.checkpoint_suffixes = SUFFIXES[config.method]
         self.act_order = config.method == "gptq" and config.desc_act
+        self.zero_bias_allowed = config.method == "gptq"  # exporters may save zero biases
 
     def create_weights(self, layer, in_features: int, out_features: int, dtype) -> None:
         g = self.config.group_size

@@ -1,7 +1,9 @@
 """Load this rank's slices of an HF safetensors checkpoint into a built model.
 
 Every checkpoint tensor is matched to a parameter (and fused shard) before any data is read, so a
-missing or unexpected tensor is reported by name up front. Each parameter's `weight_loader` then
+missing or unexpected tensor is reported by name up front. Optional names (a model's
+`optional_checkpoint_names`, e.g. GPTQ's all-zero biases) may be present or absent; when present
+they are loaded, and their loaders check them. Each parameter's `weight_loader` then
 reads only this rank's slice through safetensors' lazy `get_slice`.
 """
 
@@ -55,7 +57,9 @@ def find_checkpoint_files(model_dir: str | Path) -> dict[str, Path]:
 
 def _plan(model: nn.Module, tensor_files: dict[str, Path]) -> dict[str, tuple[str, object]]:
     expected = model.checkpoint_names()
-    unexpected = sorted(n for n in tensor_files if n not in expected and not model.ignorable(n))
+    optional = model.optional_checkpoint_names() if hasattr(model, "optional_checkpoint_names") else {}
+    unexpected = sorted(n for n in tensor_files
+                        if n not in expected and n not in optional and not model.ignorable(n))
     missing = sorted(n for n in expected if n not in tensor_files)
     problems = []
     if missing:
@@ -64,7 +68,7 @@ def _plan(model: nn.Module, tensor_files: dict[str, Path]) -> dict[str, tuple[st
         problems.append(f"unexpected tensors ({len(unexpected)}): {unexpected[:20]}")
     if problems:
         raise CheckpointError("checkpoint does not match the model config: " + "; ".join(problems))
-    return {n: expected[n] for n in tensor_files if n in expected}
+    return {n: expected.get(n) or optional[n] for n in tensor_files if n in expected or n in optional}
 
 
 def load_weights(model: nn.Module, model_dir: str | Path, show_progress: bool = True) -> None:
