@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 
 @dataclass
@@ -56,18 +57,15 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
 
 def _attend(q, k, v, q_pos, k_pos, scale, sliding_window):
     """q [Q, H, D], k/v [L, Hkv, D]; positions [Q], [L] -> [Q, H, D]. Query head h uses kv head
-    h // (H / Hkv), computed as a [Hkv, group] view so K/V are never copied per query head."""
-    num_q, num_heads, head_dim = q.shape
-    num_kv = k.shape[1]
-    qg = q.float().view(num_q, num_kv, num_heads // num_kv, head_dim).permute(1, 2, 0, 3)  # [Hkv,G,Q,D]
-    scores = qg @ k.float().permute(1, 2, 0)[:, None] * scale  # [Hkv, G, Q, L]
+    h // (H / Hkv) (grouped inside the fused attention call, K/V are not copied per head)."""
     allowed = k_pos[None, :] <= q_pos[:, None]
     if sliding_window is not None:
         allowed &= (q_pos[:, None] - k_pos[None, :]) < sliding_window
-    scores = scores.masked_fill(~allowed, float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = probs @ v.float().permute(1, 0, 2)[:, None]  # [Hkv, G, Q, D]
-    return out.permute(2, 0, 1, 3).reshape(num_q, num_heads, head_dim).to(q.dtype)
+    out = F.scaled_dot_product_attention(
+        q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed, scale=scale,
+        enable_gqa=q.shape[1] != k.shape[1],
+    )
+    return out.transpose(0, 1)
 
 
 def paged_attention_ref(
@@ -98,25 +96,22 @@ def paged_attention_ref(
 
 
 def _decode_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window):
-    """All sequences have exactly one query token: one batched gather and softmax."""
+    """All sequences have exactly one query token: one batched gather, one fused attention call."""
     num_seqs, num_heads, head_dim = q.shape
     block_size, num_kv = k_cache.shape[1], k_cache.shape[2]
-    max_len = meta.max_seq_len
-    pos = torch.arange(max_len, device=q.device)
+    pos = torch.arange(meta.max_seq_len, device=q.device)
     table_cols = (pos // block_size).clamp(max=meta.block_tables.shape[1] - 1)
     slots = meta.block_tables.long()[:, table_cols] * block_size + pos % block_size  # [B, L]
-    k = k_cache.view(-1, num_kv, head_dim)[slots].float()  # [B, L, Hkv, D]
-    v = v_cache.view(-1, num_kv, head_dim)[slots].float()
     q_pos = (meta.seq_lens.long() - 1)[:, None]
     allowed = pos[None, :] <= q_pos  # [B, L]
     if sliding_window is not None:
         allowed &= (q_pos - pos[None, :]) < sliding_window
-    # Slots past a sequence's end may hold stale or non-finite values: zero them so 0 * NaN
-    # never reaches the output (masked scores are replaced by -inf below).
-    v = v.masked_fill(~allowed[:, :, None, None], 0.0)
-    qg = q.float().view(num_seqs, num_kv, num_heads // num_kv, head_dim)  # [B, Hkv, G, D]
-    scores = qg @ k.permute(0, 2, 3, 1) * scale  # [B, Hkv, G, L]
-    scores = scores.masked_fill(~allowed[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1)
-    out = probs @ v.permute(0, 2, 1, 3)  # [B, Hkv, G, D]
-    return out.reshape(num_seqs, num_heads, head_dim).to(q.dtype)
+    # Positions past a sequence's end may hold stale or non-finite values; read its position 0
+    # there instead (always written), so masked entries never carry NaN into 0 * value.
+    slots = torch.where(pos[None, :] <= q_pos, slots, slots[:, :1])
+    k = k_cache.view(-1, num_kv, head_dim)[slots].transpose(1, 2)  # [B, Hkv, L, D]
+    v = v_cache.view(-1, num_kv, head_dim)[slots].transpose(1, 2)
+    out = F.scaled_dot_product_attention(
+        q[:, :, None, :], k, v, attn_mask=allowed[:, None, None, :], scale=scale, enable_gqa=num_heads != num_kv
+    )
+    return out.view(num_seqs, num_heads, head_dim)
