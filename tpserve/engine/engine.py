@@ -156,8 +156,10 @@ class LLMEngine:
 
     # --- stepping -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
+        started = time.perf_counter()
         outputs, self._pending = self._pending, []
-        sched = self.scheduler.schedule(num_lookahead=self._plan_lookahead())
+        k = self._plan_k()
+        sched = self.scheduler.schedule(num_lookahead=self._lookahead(k))
         for seq in sched.preempted:
             self._drop_worker_table(seq.seq_id)
         if not sched.scheduled:
@@ -166,13 +168,11 @@ class LLMEngine:
             return outputs
         proposals = self._propose(sched.scheduled)
         plan = StepPlan([self._work(s, proposals.get(s.seq.seq_id)) for s in sched.scheduled], self._take_dropped())
-        started = time.perf_counter()
         logits = self.driver.step(plan)
-        if self.spec is not None:
-            self.spec.record_target_step(plan.num_tokens, time.perf_counter() - started)
         self.num_steps += 1
         results = self._sample(sched.scheduled, logits, proposals)
         now = time.monotonic()
+        emitted = 0
         for item in sched.scheduled:
             seq = item.seq
             tokens, lps = results.get(seq.seq_id, ([], []))
@@ -182,22 +182,28 @@ class LLMEngine:
             self.block_manager.commit(seq, seq.num_computed_tokens)
             if not tokens:
                 continue
+            emitted += len(tokens)
             if self.spec is not None:
                 self.spec.account(seq, len(proposal.tokens) if proposal else 0, num_accepted, len(tokens))
             outputs.append(self._append_tokens(seq, tokens, lps, now))
             if proposal is not None and not seq.is_finished:
                 self._roll_back(seq)
+        if self.spec is not None and all(s.num_new_tokens == 1 for s in sched.scheduled):
+            # Decode-only steps measure what each k is worth on this machine, whole step included.
+            self.spec.record_step(len(sched.scheduled), k, emitted, time.perf_counter() - started)
         return outputs
 
-    def _plan_lookahead(self):
-        """Lookahead per sequence: this step's adaptive k, except that seeded sampled requests
-        always get the fixed largest k, so their random draws (and tokens) do not depend on load."""
+    def _plan_k(self) -> int:
         if self.spec is None:
             return 0
         running = self.scheduler.running
-        decoding = sum(1 for s in running if s.num_output_tokens and s.num_computed_tokens == s.num_tokens - 1)
-        prefill = sum(s.num_tokens - s.num_computed_tokens for s in running) - decoding
-        k = self.spec.plan_k(decoding, prefill)
+        return self.spec.plan_k(sum(1 for s in running if s.num_computed_tokens == s.num_tokens - 1))
+
+    def _lookahead(self, k: int):
+        """Lookahead per sequence: this step's k, except that seeded sampled requests always get
+        the fixed largest k, so their random draws (and tokens) do not depend on load."""
+        if self.spec is None:
+            return 0
         max_k = self.spec.controller.max_k
         return lambda seq: max_k if seq.params.seed is not None and not seq.params.greedy else k
 

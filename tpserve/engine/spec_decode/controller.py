@@ -1,79 +1,78 @@
 """Choosing the number of speculative tokens k for each step.
 
-With per-token acceptance rate a, k proposals yield on average (1 - a^(k+1)) / (1 - a) tokens per
-sequence and target forward. The cost of a step is modelled from measured wall times as
-T(tokens) = t0 + t1 * tokens for a target forward and D(seqs) = d0 + d1 * seqs for a draft pass,
-each fitted online by least squares. For batch size B the controller picks the k in [0, max_k]
-maximising B * E(k) / (T(B * (k + 1)) + k * D(B)), so speculation switches itself off exactly when
-the measured costs say it would make the step slower than plain decoding.
+Whether speculation pays depends on the acceptance rate and on how the cost of a step grows with
+the tokens verified and the draft passes run, which differs by machine (a GPU at small batch is
+memory-bound and verifies k + 1 tokens almost for free; a CPU pays per token). So the controller
+measures instead of assuming: for each batch-size bucket (powers of two) it keeps a moving average
+of the decode throughput (tokens emitted per second of whole engine step, draft and verification
+included) observed with each candidate k, and picks the best. It starts every bucket at k = 0 (the
+safe choice), probes the largest k for two steps, explores the middle candidates only when
+speculation won the probe, and re-probes now and then because acceptance drifts with the text.
+Pinned (`adaptive=False`) it always returns max_k.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from dataclasses import dataclass, field
+
+PROBE_STEPS = 2
+REPROBE_EVERY = 64
 
 
-class LinearCost:
-    """Least-squares fit of seconds = a + b * x over a window of recent samples."""
+@dataclass
+class _Arm:
+    rate: float = 0.0
+    count: int = 0
 
-    def __init__(self, window: int = 256) -> None:
-        self.samples: deque[tuple[float, float]] = deque(maxlen=window)
+    def add(self, rate: float, smoothing: float) -> None:
+        self.rate = rate if self.count == 0 else self.rate + smoothing * (rate - self.rate)
+        self.count += 1
 
-    def add(self, x: float, seconds: float) -> None:
-        self.samples.append((float(x), float(seconds)))
 
-    def fit(self) -> tuple[float, float] | None:
-        n = len(self.samples)
-        if n < 4:
-            return None
-        mx = sum(x for x, _ in self.samples) / n
-        my = sum(y for _, y in self.samples) / n
-        var = sum((x - mx) ** 2 for x, _ in self.samples)
-        if var == 0:
-            return None
-        b = sum((x - mx) * (y - my) for x, y in self.samples) / var
-        b = max(b, 0.0)
-        return max(my - b * mx, 0.0), b
-
-    def predict(self, x: float) -> float | None:
-        f = self.fit()
-        return None if f is None else f[0] + f[1] * x
+@dataclass
+class _Bucket:
+    arms: dict[int, _Arm] = field(default_factory=dict)
+    steps: int = 0
 
 
 class SpecController:
-    def __init__(self, max_k: int, adaptive: bool = True, prior_acceptance: float = 0.7,
-                 smoothing: float = 0.05) -> None:
+    def __init__(self, max_k: int, adaptive: bool = True, smoothing: float = 0.3) -> None:
         self.max_k = max_k
         self.adaptive = adaptive
-        self.acceptance = prior_acceptance
         self.smoothing = smoothing
-        self.target_cost = LinearCost()
-        self.draft_cost = LinearCost()
-
-    def record_verification(self, num_accepted: int, rejected: bool) -> None:
-        """One sequence's verification: geometric model, a = accepted / (accepted + rejections)."""
-        trials = num_accepted + (1 if rejected else 0)
-        if trials:
-            observed = num_accepted / trials
-            weight = min(1.0, self.smoothing * trials)
-            self.acceptance += weight * (observed - self.acceptance)
+        self.candidates = sorted({0, 1, max(1, max_k // 2), max_k})
+        self.buckets: dict[int, _Bucket] = {}
+        self.acceptance = 0.0  # moving average per proposed token, for reporting
+        self._accept_weight = 0.05
 
     @staticmethod
-    def expected_tokens(a: float, k: int) -> float:
-        a = min(max(a, 0.0), 0.999)
-        return (1 - a ** (k + 1)) / (1 - a)
+    def bucket_of(batch_size: int) -> int:
+        return max(1, batch_size).bit_length()
 
-    def choose_k(self, batch_size: int, other_tokens: int = 0) -> int:
-        """k for a step with `batch_size` decoding sequences and `other_tokens` prefill tokens."""
+    def choose_k(self, batch_size: int) -> int:
         if not self.adaptive or batch_size == 0:
             return self.max_k
-        best_k, best_rate = self.max_k, None
-        for k in range(self.max_k + 1):
-            target = self.target_cost.predict(other_tokens + batch_size * (k + 1))
-            draft = self.draft_cost.predict(batch_size) if k else 0.0
-            if target is None or draft is None:
-                return self.max_k  # not enough measurements yet: explore at full k
-            rate = batch_size * self.expected_tokens(self.acceptance, k) / max(target + k * draft, 1e-9)
-            if best_rate is None or rate > best_rate:
-                best_k, best_rate = k, rate
-        return best_k
+        b = self.buckets.setdefault(self.bucket_of(batch_size), _Bucket())
+        b.steps += 1
+        arm = lambda k: b.arms.setdefault(k, _Arm())  # noqa: E731
+        if arm(0).count < PROBE_STEPS:
+            return 0
+        if arm(self.max_k).count < PROBE_STEPS or b.steps % REPROBE_EVERY == 0:
+            return self.max_k
+        best = max((k for k in self.candidates if arm(k).count), key=lambda k: arm(k).rate)
+        if best > 0:
+            untried = [k for k in self.candidates if arm(k).count == 0]
+            if untried:
+                return untried[0]
+        return best
+
+    def record_step(self, batch_size: int, k: int, tokens: int, seconds: float) -> None:
+        """A decode-only step with `batch_size` sequences and `k` proposals each emitted `tokens`."""
+        if seconds <= 0:
+            return
+        b = self.buckets.setdefault(self.bucket_of(batch_size), _Bucket())
+        b.arms.setdefault(k, _Arm()).add(tokens / seconds, self.smoothing)
+
+    def record_verification(self, num_accepted: int, num_proposed: int) -> None:
+        if num_proposed:
+            self.acceptance += self._accept_weight * (num_accepted / num_proposed - self.acceptance)

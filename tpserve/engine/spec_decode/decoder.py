@@ -9,7 +9,6 @@ cache: they lie past num_computed_tokens and are overwritten before they are eve
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -49,8 +48,8 @@ class SpecDecoder:
         self.totals = SpecTotals()
         self.per_seq: dict[int, SpecTotals] = {}
 
-    def plan_k(self, num_decoding: int, num_other_tokens: int) -> int:
-        return self.controller.choose_k(num_decoding, num_other_tokens)
+    def plan_k(self, num_decoding: int) -> int:
+        return self.controller.choose_k(num_decoding)
 
     def cap(self, seq: Sequence, k: int) -> int:
         """Never propose past max_tokens or the max model length."""
@@ -58,16 +57,10 @@ class SpecDecoder:
         return max(0, min(k, room))
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
-        t = time.perf_counter()
-        passes0 = self.proposer.num_forwards
-        proposals = self.proposer.propose(seqs, ks)
-        passes = self.proposer.num_forwards - passes0
-        if passes:
-            self.controller.draft_cost.add(len(seqs), (time.perf_counter() - t) / passes)
-        return proposals
+        return self.proposer.propose(seqs, ks)
 
-    def record_target_step(self, num_tokens: int, seconds: float) -> None:
-        self.controller.target_cost.add(num_tokens, seconds)
+    def record_step(self, num_seqs: int, k: int, tokens: int, seconds: float) -> None:
+        self.controller.record_step(num_seqs, k, tokens, seconds)
 
     def verify(self, seq: Sequence, raw_logits: torch.Tensor, proposal: Proposal, generator,
                eos_token_ids: tuple[int, ...]) -> list[int]:
@@ -86,7 +79,7 @@ class SpecDecoder:
             tokens = verify_sampled(target_probs, draft_probs, props, generator)
         accepted = len(tokens) - 1
         if props:
-            self.controller.record_verification(accepted, rejected=accepted < len(props))
+            self.controller.record_verification(accepted, len(props))
         return tokens
 
     def account(self, seq: Sequence, num_proposed: int, num_accepted: int, num_emitted: int) -> None:
