@@ -16,7 +16,7 @@ def test_starts_safe_and_turns_off_when_speculation_loses():
     ctrl = SpecController(max_k=4)
     chosen = drive(ctrl, 64, {0: 100, 1: 60, 2: 50, 4: 30}, 40)
     assert chosen[:PROBE_STEPS] == [0] * PROBE_STEPS
-    assert chosen[PROBE_STEPS : 2 * PROBE_STEPS] == [4] * PROBE_STEPS
+    assert chosen[PROBE_STEPS : 2 * PROBE_STEPS] == [1] * PROBE_STEPS
     assert chosen[2 * PROBE_STEPS :] == [0] * (40 - 2 * PROBE_STEPS)  # no further exploration
 
 

@@ -234,10 +234,12 @@ class LLMEngine:
             tokens, lps = self.sampler.sample(logits[plain_rows], plain)
             for seq, t, lp in zip(plain, tokens, lps):
                 results[seq.seq_id] = ([t], [lp])
-        for seq_id, (seq, rows) in spec_rows.items():
-            tokens = self.spec.verify(seq, rows, proposals[seq_id], self.sampler.generator_for(seq), self.eos_token_ids)
-            lps = self.sampler.logprobs(rows[: len(tokens)], [seq] * len(tokens), tokens)
-            results[seq_id] = (tokens, lps)
+        if spec_rows:
+            batch = [(seq, rows, proposals[seq_id], self.sampler.generator_for(seq))
+                     for seq_id, (seq, rows) in spec_rows.items()]
+            for (seq, rows, _, _), tokens in zip(batch, self.spec.verify(batch, self.eos_token_ids)):
+                lps = self.sampler.logprobs(rows[: len(tokens)], [seq] * len(tokens), tokens)
+                results[seq.seq_id] = (tokens, lps)
         return results
 
     def _roll_back(self, seq: Sequence) -> None:

@@ -6,8 +6,9 @@ memory-bound and verifies k + 1 tokens almost for free; a CPU pays per token). S
 measures instead of assuming: for each batch-size bucket (powers of two) it keeps a moving average
 of the decode throughput (tokens emitted per second of whole engine step, draft and verification
 included) observed with each candidate k, and picks the best. It starts every bucket at k = 0 (the
-safe choice), probes the largest k for two steps, explores the middle candidates only when
-speculation won the probe, and re-probes now and then because acceptance drifts with the text.
+safe choice), probes k = 1 (the cheapest speculation) for two steps, explores the larger
+candidates only when speculation won the probe, and re-probes now and then because acceptance
+drifts with the text.
 Pinned (`adaptive=False`) it always returns max_k.
 """
 
@@ -57,8 +58,9 @@ class SpecController:
         arm = lambda k: b.arms.setdefault(k, _Arm())  # noqa: E731
         if arm(0).count < PROBE_STEPS:
             return 0
-        if arm(self.max_k).count < PROBE_STEPS or b.steps % REPROBE_EVERY == 0:
-            return self.max_k
+        probe = self.candidates[1]
+        if arm(probe).count < PROBE_STEPS or b.steps % REPROBE_EVERY == 0:
+            return probe
         best = max((k for k in self.candidates if arm(k).count), key=lambda k: arm(k).rate)
         if best > 0:
             untried = [k for k in self.candidates if arm(k).count == 0]

@@ -62,25 +62,29 @@ class SpecDecoder:
     def record_step(self, num_seqs: int, k: int, tokens: int, seconds: float) -> None:
         self.controller.record_step(num_seqs, k, tokens, seconds)
 
-    def verify(self, seq: Sequence, raw_logits: torch.Tensor, proposal: Proposal, generator,
-               eos_token_ids: tuple[int, ...]) -> list[int]:
-        """raw_logits [k + 1, V] at the last token and each proposal -> tokens to emit."""
-        props = proposal.tokens
-        views = [with_history(seq, props[:i]) for i in range(len(props) + 1)]
-        processed = process_logits(raw_logits, views, eos_token_ids)
-        if seq.params.greedy:
-            tokens = verify_greedy(processed, props)
-        else:
-            target_probs = processed.softmax(dim=-1)
-            draft_probs = proposal.draft_probs
-            if draft_probs is None:  # deterministic proposer: one-hot draft distribution
-                draft_probs = torch.zeros(len(props), raw_logits.shape[-1], device=raw_logits.device)
-                draft_probs[torch.arange(len(props)), torch.tensor(props, dtype=torch.long)] = 1.0
-            tokens = verify_sampled(target_probs, draft_probs, props, generator)
-        accepted = len(tokens) - 1
-        if props:
-            self.controller.record_verification(accepted, len(props))
-        return tokens
+    def verify(self, batch: list[tuple[Sequence, torch.Tensor, Proposal, torch.Generator]],
+               eos_token_ids: tuple[int, ...]) -> list[list[int]]:
+        """For each (seq, raw logits [k + 1, V] at the last token and each proposal, proposal,
+        generator) -> the tokens to emit. Logits processing runs once over all rows."""
+        views = [with_history(seq, prop.tokens[:i]) for seq, _, prop, _ in batch for i in range(len(prop.tokens) + 1)]
+        processed = process_logits(torch.cat([rows for _, rows, _, _ in batch]), views, eos_token_ids)
+        out, start = [], 0
+        for seq, rows, proposal, generator in batch:
+            props = proposal.tokens
+            mine = processed[start : start + len(props) + 1]
+            start += len(props) + 1
+            if seq.params.greedy:
+                tokens = verify_greedy(mine, props)
+            else:
+                draft_probs = proposal.draft_probs
+                if draft_probs is None:  # deterministic proposer: one-hot draft distribution
+                    draft_probs = torch.zeros(len(props), rows.shape[-1], device=rows.device)
+                    draft_probs[torch.arange(len(props)), torch.tensor(props, dtype=torch.long)] = 1.0
+                tokens = verify_sampled(mine.softmax(dim=-1), draft_probs, props, generator)
+            if props:
+                self.controller.record_verification(len(tokens) - 1, len(props))
+            out.append(tokens)
+        return out
 
     def account(self, seq: Sequence, num_proposed: int, num_accepted: int, num_emitted: int) -> None:
         for totals in (self.totals, self.per_seq.setdefault(seq.seq_id, SpecTotals())):

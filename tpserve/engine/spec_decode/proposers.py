@@ -30,7 +30,10 @@ class Proposal:
 
 def with_history(seq: Sequence, extra: list[int]) -> Sequence:
     """A view of `seq` as if `extra` tokens had been generated (for penalties and min_tokens)."""
-    return replace(seq, token_ids=seq.token_ids + extra) if extra else seq
+    p = seq.params
+    uses_history = (p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty
+                    or seq.num_output_tokens < p.min_tokens)
+    return replace(seq, token_ids=seq.token_ids + extra) if extra and uses_history else seq
 
 
 class DraftProposer:
