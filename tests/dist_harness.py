@@ -58,3 +58,19 @@ def run_ranks(world_size: int, fn, *args, timeout: float = 300.0):
     codes = [p.exitcode for p in procs]
     assert codes == [0] * world_size, f"rank exit codes {codes}"
     return payload
+
+
+def watch_scheduler(engine) -> list[int]:
+    """Wrap the engine's scheduler so every step checks the block-manager invariant; returns a
+    one-element list that counts preemptions as the engine runs."""
+    preemptions = [0]
+    schedule = engine.scheduler.schedule
+
+    def checked(*args, **kwargs):
+        out = schedule(*args, **kwargs)
+        preemptions[0] += len(out.preempted)
+        engine.block_manager.check_invariants(engine.scheduler.running)
+        return out
+
+    engine.scheduler.schedule = checked
+    return preemptions

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_harness import run_ranks
+from dist_harness import run_ranks, watch_scheduler
 from tiny_models import build_tiny_model, load_hf
 
 NUM_PROMPTS = 64
@@ -31,22 +31,13 @@ def _engine_rank(model_dir, num_blocks, caching, jobs):
         run_worker(runner)
         return None
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
-    results, preemptions = [], 0
-    orig_schedule = engine.scheduler.schedule
-
-    def counting_schedule(*a, **k):
-        nonlocal preemptions
-        out = orig_schedule(*a, **k)
-        preemptions += len(out.preempted)
-        engine.block_manager.check_invariants(engine.scheduler.running)
-        return out
-
-    engine.scheduler.schedule = counting_schedule
+    results = []
+    preemptions = watch_scheduler(engine)
     for batch in jobs:
         results.append([(r.token_ids, r.num_cached_tokens) for r in engine.generate(batch, params)])
     stats = engine.stats()
     engine.shutdown()
-    return {"results": results, "preemptions": preemptions, "stats": stats}
+    return {"results": results, "preemptions": preemptions[0], "stats": stats}
 
 
 @pytest.fixture(scope="module")

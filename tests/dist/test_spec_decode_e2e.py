@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_harness import run_ranks
+from dist_harness import run_ranks, watch_scheduler
 from tiny_models import build_tiny_model
 
 MAX_TOKENS = 20
@@ -27,17 +27,7 @@ def _rank(model_dir, draft_dir, method, num_blocks, prompts, policy):
     if engine is None:
         run_worker(runner)
         return None
-    preemptions = 0
-    schedule = engine.scheduler.schedule
-
-    def checked(*a, **k):
-        nonlocal preemptions
-        out = schedule(*a, **k)
-        preemptions += len(out.preempted)
-        engine.block_manager.check_invariants(engine.scheduler.running)
-        return out
-
-    engine.scheduler.schedule = checked
+    preemptions = watch_scheduler(engine)
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     # First half warms the prefix cache; the second half shares its prefixes.
     half = len(prompts) // 2
@@ -46,7 +36,7 @@ def _rank(model_dir, draft_dir, method, num_blocks, prompts, policy):
     stats = engine.stats()
     engine.shutdown()
     return {"tokens": [r.token_ids for r in results], "cached": sum(r.num_cached_tokens for r in results),
-            "preemptions": preemptions, "spec": stats["speculation"], "in_use": stats["kv_blocks_in_use"]}
+            "preemptions": preemptions[0], "spec": stats["speculation"], "in_use": stats["kv_blocks_in_use"]}
 
 
 @pytest.fixture(scope="module")
