@@ -16,6 +16,7 @@ import triton
 import triton.language as tl
 
 from kernels._gemm_config import pick_gemm_config
+from kernels._tiles import grouped_tile
 from kernels.splitk_reduce import splitk_reduce
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -32,15 +33,8 @@ def _w4a16_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     # Grouped tile order (GROUP_M M-tiles share each weight tile while it is hot in L2).
-    pid = tl.program_id(0)
+    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    rows_in_group = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % rows_in_group
-    pid_n = (pid % per_group) // rows_in_group
 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)

@@ -11,6 +11,8 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+from tpserve.distributed import TPGroup
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -74,3 +76,15 @@ def watch_scheduler(engine) -> list[int]:
 
     engine.scheduler.schedule = checked
     return preemptions
+
+
+
+class LocalGroup(TPGroup):
+    """One rank of a simulated tensor-parallel group: layers built with it shard as on that rank,
+    while collectives are left to the test (all_reduce and gather are identities)."""
+
+    def all_reduce(self, x):
+        return x
+
+    def gather_to_first(self, x, dim=-1):
+        return x

@@ -12,6 +12,7 @@ import torch
 
 from tiny_models import awq_tensors, dequantize_int4_ragged, gptq_tensors
 from tpserve.config import ConfigError
+from dist_harness import LocalGroup
 from tpserve.distributed import TPGroup
 from tpserve.layers.linear import (
     ColumnParallelLinear,
@@ -25,9 +26,6 @@ from tpserve.quant import QuantConfig, QuantFormatError, get_quant_method
 from tpserve.quantize import quantize_tensor
 
 
-class LocalGroup(TPGroup):
-    def all_reduce(self, x):
-        return x
 
 
 def ranks(tp_size):

@@ -15,6 +15,7 @@ if ROOT not in sys.path[:1]:
     sys.path.insert(0, ROOT)
 
 from tiny_models import gptq_tensors  # noqa: E402
+from dist_harness import LocalGroup  # noqa: E402
 from tpserve.distributed import TPGroup  # noqa: E402
 from tpserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear  # noqa: E402
 from tpserve.layers.sources import InMemorySource  # noqa: E402
@@ -25,9 +26,6 @@ from tpserve.quant import QuantConfig, get_quant_method  # noqa: E402
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 
 
-class LocalGroup(TPGroup):
-    def all_reduce(self, x):
-        return x
 
 
 def _load(layer, tensors, shard_id=None):

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dist_harness import LocalGroup
 from tpserve.distributed import TPGroup
 from tpserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tpserve.layers.linear import (
@@ -21,14 +22,6 @@ from tpserve.layers.linear import (
 from tpserve.layers.sources import InMemorySource, WeightShapeError
 
 
-class LocalGroup(TPGroup):
-    """A rank of a simulated group: collectives are left to the test."""
-
-    def all_reduce(self, x):
-        return x
-
-    def gather_to_first(self, x, dim=-1):
-        return x
 
 
 def ranks(tp_size):
