@@ -62,7 +62,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                         "when serving the bundled target)")
     s.add_argument("--num-speculative-tokens", type=int, default=4, help="k, or the largest k when adaptive")
     s.add_argument("--spec-policy", choices=["adaptive", "fixed"], default="adaptive",
-                   help="adaptive: choose k per step (down to 0) from measured acceptance and step costs")
+                   help="adaptive: choose k per step (down to 0) from the throughput measured for each k at this batch size")
     s.add_argument("--ngram-max", type=int, default=4, help="longest n-gram the prompt-lookup proposer matches")
 
 
