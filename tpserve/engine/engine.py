@@ -158,8 +158,8 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         started = time.perf_counter()
         outputs, self._pending = self._pending, []
-        k = self._plan_k()
-        sched = self.scheduler.schedule(num_lookahead=self._lookahead(k))
+        k, speculating = self._plan_k()
+        sched = self.scheduler.schedule(num_lookahead=self._lookahead(k, speculating))
         for seq in sched.preempted:
             self._drop_worker_table(seq.seq_id)
         if not sched.scheduled:
@@ -190,22 +190,31 @@ class LLMEngine:
                 self._roll_back(seq)
         if self.spec is not None and all(s.num_new_tokens == 1 for s in sched.scheduled):
             # Decode-only steps measure what each k is worth on this machine, whole step included.
-            self.spec.record_step(len(sched.scheduled), k, emitted, time.perf_counter() - started)
+            self.spec.record_step(len(sched.scheduled), k, len(proposals), emitted, time.perf_counter() - started)
         return outputs
 
-    def _plan_k(self) -> int:
+    def _plan_k(self) -> tuple[int, set[int] | None]:
+        """This step's k and the ids of the decoding sequences that speculate (None: all)."""
         if self.spec is None:
-            return 0
-        running = self.scheduler.running
-        return self.spec.plan_k(sum(1 for s in running if s.num_computed_tokens == s.num_tokens - 1))
+            return 0, None
+        decoding = [s.seq_id for s in self.scheduler.running if s.num_computed_tokens == s.num_tokens - 1]
+        k, count = self.spec.plan_k(len(decoding))
+        return k, None if count >= len(decoding) else set(decoding[:count])
 
-    def _lookahead(self, k: int):
-        """Lookahead per sequence: this step's k, except that seeded sampled requests always get
-        the fixed largest k, so their random draws (and tokens) do not depend on load."""
+    def _lookahead(self, k: int, speculating: set[int] | None):
+        """Lookahead per sequence: this step's k for the speculating sequences, except that seeded
+        sampled requests always get the fixed largest k, so their random draws (and tokens) do not
+        depend on load."""
         if self.spec is None:
             return 0
         max_k = self.spec.controller.max_k
-        return lambda seq: max_k if seq.params.seed is not None and not seq.params.greedy else k
+
+        def lookahead(seq: Sequence) -> int:
+            if seq.params.seed is not None and not seq.params.greedy:
+                return max_k
+            return k if speculating is None or seq.seq_id in speculating else 0
+
+        return lookahead
 
     def _propose(self, scheduled: list[ScheduledSeq]) -> dict:
         items = [s for s in scheduled if s.num_lookahead > 0]

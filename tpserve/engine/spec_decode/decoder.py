@@ -48,7 +48,8 @@ class SpecDecoder:
         self.totals = SpecTotals()
         self.per_seq: dict[int, SpecTotals] = {}
 
-    def plan_k(self, num_decoding: int) -> int:
+    def plan_k(self, num_decoding: int) -> tuple[int, int]:
+        """-> (k, number of decoding sequences that speculate this step)."""
         return self.controller.choose_k(num_decoding)
 
     def cap(self, seq: Sequence, k: int) -> int:
@@ -59,8 +60,8 @@ class SpecDecoder:
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
         return self.proposer.propose(seqs, ks)
 
-    def record_step(self, num_seqs: int, k: int, tokens: int, seconds: float) -> None:
-        self.controller.record_step(num_seqs, k, tokens, seconds)
+    def record_step(self, num_seqs: int, k: int, num_spec: int, tokens: int, seconds: float) -> None:
+        self.controller.record_step(num_seqs, k, num_spec, tokens, seconds)
 
     def verify(self, batch: list[tuple[Sequence, torch.Tensor, Proposal, torch.Generator]],
                eos_token_ids: tuple[int, ...]) -> list[list[int]]:
