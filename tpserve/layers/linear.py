@@ -141,13 +141,6 @@ class LinearBase(nn.Module):
         return self.quant_method.apply(self, x, self.bias)
 
 
-class ReplicatedLinear(LinearBase):
-    """Every rank holds the whole weight (used by small draft models on rank 0)."""
-
-    def shard_plan(self, shard_id=None) -> ShardPlan:
-        return ShardPlan(self.out_features, 0, self.out_features, 0, self.in_features, 0, self.in_features)
-
-
 class ColumnParallelLinear(LinearBase):
     """y[:, rank's columns] = x W_rank^T + b_rank. Global weight [out_features, in_features]."""
 
