@@ -34,20 +34,18 @@ class LlamaAttention(nn.Module):
         self.o_proj = RowParallelLinear(
             config.num_attention_heads * config.head_dim, config.hidden_size, False, tp, dtype, quant
         )
-        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope)
         self.attn = Attention(
             self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads, config.head_dim, config.sliding_window
         )
 
-    def forward(self, positions, hidden, kv_cache: KVCache, meta: AttentionMetadata):
-        q, k, v = self.qkv_proj.split(self.qkv_proj(hidden))
-        num_tokens = hidden.shape[0]
-        q, k = self.rotary_emb(
-            positions,
-            q.view(num_tokens, self.attn.num_heads, self.attn.head_dim),
-            k.view(num_tokens, self.attn.num_kv_heads, self.attn.head_dim),
-        )
-        out = self.attn(q, k, v, kv_cache, meta)
+    def forward(self, rope, hidden, kv_cache: KVCache, meta: AttentionMetadata):
+        """rope: (cos, sin) at this step's positions, from LlamaModel."""
+        qkv = self.qkv_proj(hidden)
+        q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
+        heads, kv_heads, head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_dim
+        # q and k sit side by side in the fused output: rotate both in one pass.
+        qk = RotaryEmbedding.apply(qkv[:, : q_size + kv_size].view(-1, heads + kv_heads, head_dim), rope)
+        out = self.attn(qk[:, :heads], qk[:, heads:], qkv[:, q_size + kv_size :], kv_cache, meta)
         return self.o_proj(out)
 
 
@@ -73,8 +71,8 @@ class LlamaDecoderLayer(nn.Module):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
 
-    def forward(self, positions, hidden, kv_cache: KVCache, meta: AttentionMetadata):
-        hidden = hidden + self.self_attn(positions, self.input_layernorm(hidden), kv_cache, meta)
+    def forward(self, rope, hidden, kv_cache: KVCache, meta: AttentionMetadata):
+        hidden = hidden + self.self_attn(rope, self.input_layernorm(hidden), kv_cache, meta)
         return hidden + self.mlp(self.post_attention_layernorm(hidden))
 
 
@@ -84,11 +82,13 @@ class LlamaModel(nn.Module):
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, tp, config.dtype)
         self.layers = nn.ModuleList(LlamaDecoderLayer(config, tp, quant) for _ in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, config.dtype)
+        self.rotary_emb = RotaryEmbedding(config.head_dim, config.rope)  # shared by every layer
 
     def forward(self, input_ids, positions, kv_caches: list[KVCache], meta: AttentionMetadata):
         hidden = self.embed_tokens(input_ids)
+        rope = self.rotary_emb.cos_sin(positions, hidden.dtype)
         for layer, kv_cache in zip(self.layers, kv_caches):
-            hidden = layer(positions, hidden, kv_cache, meta)
+            hidden = layer(rope, hidden, kv_cache, meta)
         return self.norm(hidden)
 
 
