@@ -98,8 +98,24 @@ def engine_args_model_arch(model_dir: str) -> str:
     return ModelConfig.from_dir(model_dir).architecture
 
 
+def die_with_launcher() -> None:
+    """Under torchrun, exit when torchrun itself dies (say it is SIGKILLed): orphaned ranks would
+    otherwise keep their port and accelerator memory forever. A normal SIGTERM to torchrun is
+    forwarded and drained as usual before torchrun exits. Linux only; elsewhere a no-op."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    launcher = os.getppid()
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL)
+    if os.getppid() != launcher:  # it died before prctl took effect
+        os._exit(1)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
+    die_with_launcher()
     tp = init_distributed(DistEnv.from_environ(), device_type=args.device, timeout_s=args.dist_timeout)
     try:
         if tp.is_first:

@@ -29,6 +29,7 @@ class ServerProc:
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         self.channel = grpc.insecure_channel(self.address)
+        self.seen_ranks: set[int] = set()  # pids of every rank seen, killed by close()
 
     def health(self, service: str = READINESS, timeout: float = 1.0):
         stub = health_pb2_grpc.HealthStub(self.channel)
@@ -44,6 +45,7 @@ class ServerProc:
             if seen is not None and status is not None and (not seen or seen[-1] != status):
                 seen.append(status)
             if status == health_pb2.HealthCheckResponse.SERVING:
+                self.rank_pids()
                 return
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.tail()}")
@@ -62,6 +64,7 @@ class ServerProc:
             for item in env:
                 if item.startswith(b"RANK="):
                     ranks[int(item[5:])] = pid
+        self.seen_ranks.update(ranks.values())
         return ranks
 
     def signal_ranks(self, sig: int) -> None:
@@ -76,8 +79,16 @@ class ServerProc:
         return self.log_path.read_text()[-n:]
 
     def close(self) -> None:
+        """Kill torchrun and every rank (the ranks run in sessions of their own, out of reach of a
+        signal to torchrun's process group)."""
         self.channel.close()
         if self.proc.poll() is None:
+            self.rank_pids()
             os.killpg(self.proc.pid, signal.SIGKILL)
             self.proc.wait(timeout=30)
+        for pid in self.seen_ranks:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
         self.log.close()

@@ -6,6 +6,7 @@ import os
 import signal
 import threading
 import time
+from pathlib import Path
 
 import grpc
 import pytest
@@ -266,8 +267,6 @@ def test_killed_worker_ends_group_with_unavailable(model_dir, tmp_path):
         with Client(srv.address) as c:
             stream = c.stub.Generate(build_request([6, 7], True, max_tokens=480, ignore_eos=True))
             next(stream)
-
-
             os.kill(srv.rank_pids()[1], signal.SIGKILL)
             with pytest.raises(grpc.RpcError) as err:
                 list(stream)
@@ -276,5 +275,24 @@ def test_killed_worker_ends_group_with_unavailable(model_dir, tmp_path):
         code = srv.wait(60)
         assert code != 0
         print(f"\ngroup exited with {code} {time.monotonic() - start:.1f}s after the client saw UNAVAILABLE")
+    finally:
+        srv.close()
+
+
+def test_ranks_exit_when_torchrun_is_killed(model_dir, tmp_path):
+    srv = ServerProc(model_dir, tmp_path / "d.log", extra=["--num-kv-blocks", "200"])
+    try:
+        srv.wait_ready()
+        ranks = srv.rank_pids()
+        assert sorted(ranks) == [0, 1]
+        os.kill(srv.proc.pid, signal.SIGKILL)  # the launcher only: no chance to forward anything
+        srv.wait(30)
+        deadline = time.monotonic() + 30
+        alive = set(ranks.values())
+        while alive and time.monotonic() < deadline:
+            alive = {pid for pid in alive if Path(f"/proc/{pid}").exists()
+                     and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"}
+            time.sleep(0.1)
+        assert not alive, f"ranks {alive} outlived torchrun"
     finally:
         srv.close()
