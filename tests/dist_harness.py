@@ -37,6 +37,11 @@ def _entry(rank, world_size, port, fn, args, queue):
     except BaseException:
         queue.put(("error", f"rank {rank}:\n{traceback.format_exc()}"))
         raise
+    finally:
+        # Tear the process group down before exit: gloo's threads must not outlive it.
+        from tpserve.distributed import destroy_distributed
+
+        destroy_distributed()
 
 
 def run_ranks(world_size: int, fn, *args, timeout: float = 300.0):

@@ -154,5 +154,7 @@ def build_spec_decoder(args: EngineArgs, model_config: ModelConfig, runner: Mode
         draft_runner = ModelRunner(draft_config, draft_cache, TPGroup(device=runner.device), draft_dir,
                                    max_num_batched_tokens=args.max_num_batched_tokens)
         proposer = DraftProposer(draft_runner, engine.eos_token_ids, engine.sampler.generator_for)
-    controller = SpecController(args.num_speculative_tokens, adaptive=args.spec_policy == "adaptive")
+    # Free proposals (n-gram lookup) are probed at the largest k, a draft model at k = 1.
+    probe_k = args.num_speculative_tokens if proposer.free_proposals else 1
+    controller = SpecController(args.num_speculative_tokens, adaptive=args.spec_policy == "adaptive", probe_k=probe_k)
     return SpecDecoder(proposer, controller, max_model_len)

@@ -37,6 +37,8 @@ def with_history(seq: Sequence, extra: list[int]) -> Sequence:
 
 
 class DraftProposer:
+    free_proposals = False  # one draft pass per proposed token
+
     def __init__(self, runner, eos_token_ids: tuple[int, ...], generator_for) -> None:
         self.runner = runner
         self.eos_token_ids = eos_token_ids
@@ -96,6 +98,8 @@ class DraftProposer:
 
 
 class NgramProposer:
+    free_proposals = True  # a lookup in the token history; only verification is paid for
+
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1) -> None:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
