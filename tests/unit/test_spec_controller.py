@@ -62,10 +62,10 @@ def test_catch_up_cost_of_the_first_probe_step_is_not_held_against_speculation()
     assert chosen[-1] == (2, 32), chosen
 
 
-def test_free_proposals_are_probed_at_the_largest_k():
-    ctrl = SpecController(max_k=4, probe_k=4)
+def test_free_proposals_are_probed_at_the_largest_k_on_the_whole_batch():
+    ctrl = SpecController(max_k=4, probe_k=4, probe_seqs=None)
     chosen = drive(ctrl, 16, {0: 100, 1: 95, 2: 102, 4: 130}, 30)
-    assert chosen[WARMUP_STEPS] == (4, PROBE_SEQS)
+    assert chosen[WARMUP_STEPS] == (4, 16)
     assert chosen[-1] == (4, 16), chosen
 
 

@@ -14,6 +14,7 @@ from torch import nn
 
 from tpserve.distributed import TPGroup
 from tpserve.layers.sources import TensorSource, check_shape
+from tpserve.ops import dispatch
 
 
 class VocabParallelEmbedding(nn.Module):
@@ -55,7 +56,7 @@ class ParallelLMHead(VocabParallelEmbedding):
     """
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor | None:
-        local = F.linear(hidden, self.weight)
+        local = dispatch.linear(hidden, self.weight)
         full = self.tp.gather_to_first(local, dim=-1)
         if full is None:
             return None

@@ -16,11 +16,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from tpserve.distributed import TPGroup
 from tpserve.layers.sources import TensorSource, check_shape
+from tpserve.ops import dispatch
 
 
 def shard_range(total: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
@@ -74,7 +74,7 @@ class UnquantizedLinearMethod:
         """Called once after every checkpoint tensor of the layer was loaded."""
 
     def apply(self, layer: "LinearBase", x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        return F.linear(x, layer.weight, bias)
+        return dispatch.linear(x, layer.weight, bias)
 
 
 class LinearBase(nn.Module):

@@ -7,9 +7,9 @@ measures instead of assuming. For each batch-size bucket (powers of two) it keep
 of decode throughput (tokens emitted per second of whole engine step, draft and verification
 included) for each candidate k it has run on the whole batch.
 
-A bucket starts at k = 0, the safe choice. It then probes `probe_k` on a few sequences only
-(PROBE_SEQS) for PROBE_STEPS steps. From the extra tokens and extra seconds those few add, summed
-over the probe, it extrapolates linearly per sequence (which over-charges the draft's shared
+A bucket starts at k = 0, the safe choice. It then probes `probe_k` for PROBE_STEPS steps, for a
+draft model on a few sequences only (PROBE_SEQS). From the extra tokens and extra seconds those few
+add, summed over the probe, it extrapolates linearly per sequence (which over-charges the draft's shared
 per-pass cost, so it errs towards not speculating) what speculating on the whole batch would
 yield. Only if that beats k = 0 does the bucket switch on; it then runs each candidate on the
 whole batch and keeps the best, re-measuring k = 0 now and then. A lost probe is repeated after
@@ -19,9 +19,11 @@ of a bucket where speculation never pays cost ever less.
 The first step of a probe, and the first after switching on, is not measured: it includes the
 draft's one-time catch-up over the new speculating sequences' contexts.
 
-`probe_k` is 1 for a draft model (one draft pass per proposed token: k = 1 is the cheapest probe)
-and the largest k for a proposer whose proposals cost nothing to make (n-gram lookup), where only
-the verification rows are paid for. Pinned (`adaptive=False`) it always returns max_k.
+A draft model is probed at k = 1 on PROBE_SEQS sequences (one draft pass per proposed token, and
+a catch-up over each new sequence's context: the cheapest probe). A proposer whose proposals cost
+nothing to make (n-gram lookup) is probed at its largest k on the whole batch: only verification
+rows are paid for, and measuring the whole batch needs no extrapolation. Pinned
+(`adaptive=False`) it always returns max_k.
 """
 
 from __future__ import annotations
@@ -70,12 +72,16 @@ class _Bucket:
 
 
 class SpecController:
-    def __init__(self, max_k: int, adaptive: bool = True, smoothing: float = 0.3, probe_k: int | None = None) -> None:
+    def __init__(self, max_k: int, adaptive: bool = True, smoothing: float = 0.3, probe_k: int | None = None,
+                 probe_seqs: int | None = PROBE_SEQS) -> None:
+        """probe_k: the k a probe runs (default 1); probe_seqs: how many sequences it runs on
+        (None: the whole batch)."""
         self.max_k = max_k
         self.adaptive = adaptive
         self.smoothing = smoothing
         self.candidates = sorted({0, 1, max(1, max_k // 2), max_k})
         self.probe_k = min(max_k, probe_k) if probe_k else min(1, max_k)
+        self.probe_seqs = probe_seqs
         self.buckets: dict[int, _Bucket] = {}
         self.acceptance = 0.0  # moving average per proposed token, for reporting
         self._accept_weight = 0.05
@@ -106,7 +112,7 @@ class SpecController:
         if b.probe is None and b.steps >= b.next_probe:
             b.probe = _Probe()
         if b.probe is not None:
-            return self.probe_k, min(PROBE_SEQS, batch_size)
+            return self.probe_k, min(self.probe_seqs or batch_size, batch_size)
         return 0, 0
 
     def record_step(self, batch_size: int, k: int, num_spec: int, tokens: int, seconds: float) -> None:
