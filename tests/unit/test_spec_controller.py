@@ -26,7 +26,7 @@ def drive(ctrl, batch, rate_of_k, steps, catch_up_seconds=0.0):
             secs = base_time + (full_time - base_time) * n / batch
             secs += catch_up_seconds * len(set(range(n)) - caught_up)
             caught_up |= set(range(n))
-        ctrl.record_step(batch, k, n, int(round(tokens * 1000)), secs * 1000)
+        ctrl.record_step(batch, k, n, tokens, secs)
     return chosen
 
 
@@ -34,18 +34,24 @@ LOSES = {0: 100, 1: 60, 2: 50, 4: 30}
 WINS = {0: 100, 1: 130, 2: 170, 4: 150}
 
 
-def test_large_batch_probes_few_sequences_then_backs_off():
+def test_large_batch_probes_few_sequences_stops_early_when_clearly_losing_then_backs_off():
     ctrl = SpecController(max_k=4)
-    steps = WARMUP_STEPS + 1 + PROBE_STEPS + 2 * FIRST_REPROBE + 4
+    steps = WARMUP_STEPS + 3 + 2 * FIRST_REPROBE + 4
     chosen = drive(ctrl, 64, LOSES, steps)
-    probe = [(1, PROBE_SEQS)] * (1 + PROBE_STEPS)  # one unmeasured catch-up step, then the measured ones
-    first_end = WARMUP_STEPS + 1 + PROBE_STEPS
-    assert chosen[:first_end] == [(0, 0)] * WARMUP_STEPS + probe
+    # One unmeasured catch-up step, then two measured steps show it is clearly losing.
+    first_end = WARMUP_STEPS + 3
+    assert chosen[:first_end] == [(0, 0)] * WARMUP_STEPS + [(1, PROBE_SEQS)] * 3
     probes = [i for i, c in enumerate(chosen) if c != (0, 0)]
     # The second probe comes FIRST_REPROBE steps after the first one ended, and also loses; the
     # third would come twice as late, past the end of this run.
     second = first_end - 1 + FIRST_REPROBE
-    assert probes == list(range(WARMUP_STEPS, first_end)) + list(range(second, second + 1 + PROBE_STEPS))
+    assert probes == list(range(WARMUP_STEPS, first_end)) + list(range(second, second + 3))
+
+
+def test_a_close_probe_runs_all_its_steps():
+    ctrl = SpecController(max_k=4)
+    chosen = drive(ctrl, 64, {0: 100, 1: 95, 2: 90, 4: 80}, 12)
+    assert chosen[WARMUP_STEPS : WARMUP_STEPS + 1 + PROBE_STEPS + 1] == [(1, PROBE_SEQS)] * (1 + PROBE_STEPS) + [(0, 0)]
 
 
 def test_speculates_where_it_wins_and_finds_the_best_k():
@@ -63,9 +69,10 @@ def test_catch_up_cost_of_the_first_probe_step_is_not_held_against_speculation()
 
 
 def test_free_proposals_are_probed_at_the_largest_k_on_the_whole_batch():
-    ctrl = SpecController(max_k=4, probe_k=4, probe_seqs=None)
+    ctrl = SpecController(max_k=4, free_proposals=True)
     chosen = drive(ctrl, 16, {0: 100, 1: 95, 2: 102, 4: 130}, 30)
-    assert chosen[WARMUP_STEPS] == (4, 16)
+    # No catch-up step: the probe is exactly PROBE_STEPS measured steps.
+    assert chosen[WARMUP_STEPS : WARMUP_STEPS + PROBE_STEPS] == [(4, 16)] * PROBE_STEPS
     assert chosen[-1] == (4, 16), chosen
 
 

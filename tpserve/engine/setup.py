@@ -154,8 +154,6 @@ def build_spec_decoder(args: EngineArgs, model_config: ModelConfig, runner: Mode
         draft_runner = ModelRunner(draft_config, draft_cache, TPGroup(device=runner.device), draft_dir,
                                    max_num_batched_tokens=args.max_num_batched_tokens)
         proposer = DraftProposer(draft_runner, engine.eos_token_ids, engine.sampler.generator_for)
-    # Free proposals (n-gram lookup) are probed at the largest k on the whole batch, a draft model
-    # at k = 1 on a few sequences.
-    probe = dict(probe_k=args.num_speculative_tokens, probe_seqs=None) if proposer.free_proposals else {}
-    controller = SpecController(args.num_speculative_tokens, adaptive=args.spec_policy == "adaptive", **probe)
+    controller = SpecController(args.num_speculative_tokens, adaptive=args.spec_policy == "adaptive",
+                                free_proposals=proposer.free_proposals)
     return SpecDecoder(proposer, controller, max_model_len)

@@ -19,6 +19,8 @@ of a bucket where speculation never pays cost ever less.
 The first step of a probe, and the first after switching on, is not measured: it includes the
 draft's one-time catch-up over the new speculating sequences' contexts.
 
+A probe that is clearly losing after two measured steps stops early.
+
 A draft model is probed at k = 1 on PROBE_SEQS sequences (one draft pass per proposed token, and
 a catch-up over each new sequence's context: the cheapest probe). A proposer whose proposals cost
 nothing to make (n-gram lookup) is probed at its largest k on the whole batch: only verification
@@ -33,6 +35,7 @@ from dataclasses import dataclass, field
 WARMUP_STEPS = 2  # k = 0 steps measured before the first probe
 PROBE_STEPS = 4  # measured probe steps (after one unmeasured catch-up step)
 PROBE_SEQS = 4
+CLEARLY_LOSING = 0.8  # a probe stops early when, after two measured steps, it is this far behind
 FIRST_REPROBE = 64  # steps from a lost probe to the next; doubles after each lost probe
 MAX_REPROBE = 1024
 REMEASURE_EVERY = 32  # while on: one k = 0 step this often keeps the baseline current
@@ -50,7 +53,7 @@ class _Arm:
 
 @dataclass
 class _Probe:
-    caught_up: bool = False  # the first probe step (the draft's catch-up) has passed, unmeasured
+    caught_up: bool  # the first probe step (the draft's catch-up) has passed, unmeasured
     measured: int = 0
     extra_tokens: float = 0.0  # summed over measured steps, beyond one token per sequence
     extra_seconds: float = 0.0  # beyond what the step would have taken at k = 0
@@ -72,16 +75,16 @@ class _Bucket:
 
 
 class SpecController:
-    def __init__(self, max_k: int, adaptive: bool = True, smoothing: float = 0.3, probe_k: int | None = None,
-                 probe_seqs: int | None = PROBE_SEQS) -> None:
-        """probe_k: the k a probe runs (default 1); probe_seqs: how many sequences it runs on
-        (None: the whole batch)."""
+    def __init__(self, max_k: int, adaptive: bool = True, smoothing: float = 0.3,
+                 free_proposals: bool = False) -> None:
+        """free_proposals: the proposer costs nothing per proposed token (n-gram lookup)."""
         self.max_k = max_k
         self.adaptive = adaptive
         self.smoothing = smoothing
         self.candidates = sorted({0, 1, max(1, max_k // 2), max_k})
-        self.probe_k = min(max_k, probe_k) if probe_k else min(1, max_k)
-        self.probe_seqs = probe_seqs
+        self.probe_k = max_k if free_proposals else min(1, max_k)
+        self.probe_seqs = None if free_proposals else PROBE_SEQS  # None: the whole batch
+        self.probe_catch_up = not free_proposals  # a draft's first probe step catches up
         self.buckets: dict[int, _Bucket] = {}
         self.acceptance = 0.0  # moving average per proposed token, for reporting
         self._accept_weight = 0.05
@@ -110,7 +113,7 @@ class SpecController:
                 self._switch_off(b)
             return k, (batch_size if k else 0)
         if b.probe is None and b.steps >= b.next_probe:
-            b.probe = _Probe()
+            b.probe = _Probe(caught_up=not self.probe_catch_up)
         if b.probe is not None:
             return self.probe_k, min(self.probe_seqs or batch_size, batch_size)
         return 0, 0
@@ -143,12 +146,13 @@ class SpecController:
         p.extra_seconds += seconds - plain_seconds
         p.seq_steps += num_spec
         p.measured += 1
-        if p.measured < PROBE_STEPS:
-            return
         # Whole-batch estimate: every sequence adds what the probed ones added on average.
         per_seq_tokens = p.extra_tokens / p.seq_steps
         per_seq_seconds = p.extra_seconds / p.seq_steps
         whole = batch_size * (1 + per_seq_tokens) / max(plain_seconds + batch_size * per_seq_seconds, 1e-9)
+        clearly_losing = p.measured >= 2 and whole < CLEARLY_LOSING * base
+        if p.measured < PROBE_STEPS and not clearly_losing:
+            return
         b.probe = None
         if whole > base:
             b.on = True
