@@ -1,44 +1,56 @@
-"""Adaptive k: safe start, cheap probing on a few sequences with backoff, choosing by measured
-throughput per batch-size bucket, and switching off again when speculation stops paying."""
+"""Adaptive k: safe start, cheap probing with early stop and backoff, choosing k from measured
+step costs and the estimated acceptance rate per batch-size bucket, and switching off again when
+speculation stops paying."""
+
+import random
 
 from tpserve.engine.spec_decode.controller import (
-    FIRST_REPROBE, PROBE_SEQS, PROBE_STEPS, REMEASURE_EVERY, WARMUP_STEPS, SpecController,
+    FIRST_REPROBE, PROBE_SEQS, PROBE_STEPS, REMEASURE_EVERY, WARMUP_STEPS, SpecController, expected_tokens,
 )
 
 
-def drive(ctrl, batch, rate_of_k, steps, catch_up_seconds=0.0):
-    """rate_of_k: tokens/s of a step when the whole batch speculates with k (a dict, or a function
-    of the step index returning one). A partial step with n of the batch speculating costs and
-    yields in proportion. The first step in which a sequence speculates costs it
-    `catch_up_seconds` more (the draft's catch-up)."""
+def drive(ctrl, batch, alpha, cost, steps, catch_up_seconds=0.0, seed=0):
+    """A simulated machine. cost[k]: seconds of a step in which the whole batch speculates with k;
+    a step with n of the batch speculating costs cost[0] + (cost[k] - cost[0]) * n / batch. Each
+    proposal is accepted with probability alpha (a number, or a function of the step index). The
+    first step in which a sequence speculates costs `catch_up_seconds` more."""
+    rng = random.Random(seed)
     chosen, caught_up = [], set()
     for step in range(steps):
-        rates = rate_of_k(step) if callable(rate_of_k) else rate_of_k
+        a = alpha(step) if callable(alpha) else alpha
         k, n = ctrl.choose_k(batch)
         chosen.append((k, n))
-        base_time = batch / rates[0]
-        if k == 0 or n == 0:
-            tokens, secs = batch, base_time
-        else:
-            full_time = base_time * 2  # speculation doubles the step time in this model
-            full_tokens = rates[k] * full_time
-            tokens = batch + (full_tokens - batch) * n / batch
-            secs = base_time + (full_time - base_time) * n / batch
-            secs += catch_up_seconds * len(set(range(n)) - caught_up)
+        tokens, secs = batch, cost[0]
+        if k and n:
+            secs += (cost[k] - cost[0]) * n / batch + catch_up_seconds * len(set(range(n)) - caught_up)
             caught_up |= set(range(n))
+            for _ in range(n):
+                accepted = 0
+                while accepted < k and rng.random() < a:
+                    accepted += 1
+                ctrl.record_verification(accepted, k)
+                tokens += accepted
         ctrl.record_step(batch, k, n, tokens, secs)
     return chosen
 
 
-LOSES = {0: 100, 1: 60, 2: 50, 4: 30}
-WINS = {0: 100, 1: 130, 2: 170, 4: 150}
+# Costs where speculation loses even if every proposal is accepted (k = 1 triples the step).
+EXPENSIVE = {0: 1.0, 1: 3.0, 2: 4.0, 4: 6.0}
+# Costs where, at alpha = 0.8, k = 2 is best: rates 1, 1.8/1.3, 2.44/1.6, 3.36/2.6.
+CHEAP = {0: 1.0, 1: 1.3, 2: 1.6, 4: 2.6}
+
+
+def test_expected_tokens():
+    assert expected_tokens(0.0, 4) == 1
+    assert expected_tokens(1.0, 4) == 5
+    assert abs(expected_tokens(0.5, 2) - 1.75) < 1e-12
 
 
 def test_large_batch_probes_few_sequences_stops_early_when_clearly_losing_then_backs_off():
     ctrl = SpecController(max_k=4)
     steps = WARMUP_STEPS + 3 + 2 * FIRST_REPROBE + 4
-    chosen = drive(ctrl, 64, LOSES, steps)
-    # One unmeasured catch-up step, then two measured steps show it is clearly losing.
+    chosen = drive(ctrl, 64, 0.4, EXPENSIVE, steps)
+    # One unmeasured catch-up step, then two measured steps show it losing even at full acceptance.
     first_end = WARMUP_STEPS + 3
     assert chosen[:first_end] == [(0, 0)] * WARMUP_STEPS + [(1, PROBE_SEQS)] * 3
     probes = [i for i, c in enumerate(chosen) if c != (0, 0)]
@@ -50,44 +62,45 @@ def test_large_batch_probes_few_sequences_stops_early_when_clearly_losing_then_b
 
 def test_a_close_probe_runs_all_its_steps():
     ctrl = SpecController(max_k=4)
-    chosen = drive(ctrl, 64, {0: 100, 1: 95, 2: 90, 4: 80}, 12)
-    assert chosen[WARMUP_STEPS : WARMUP_STEPS + 1 + PROBE_STEPS + 1] == [(1, PROBE_SEQS)] * (1 + PROBE_STEPS) + [(0, 0)]
+    chosen = drive(ctrl, 64, 0.6, {0: 1.0, 1: 1.75, 2: 2.5, 4: 4.0}, 12)  # k = 1 yields ~1.6 for 1.75
+    assert chosen[WARMUP_STEPS : WARMUP_STEPS + 2 + PROBE_STEPS] == [(1, PROBE_SEQS)] * (1 + PROBE_STEPS) + [(0, 0)]
 
 
 def test_speculates_where_it_wins_and_finds_the_best_k():
     for batch in (1, 32):
         ctrl = SpecController(max_k=4)
-        chosen = drive(ctrl, batch, WINS, 40)
-        tail = [c for i, c in enumerate(chosen[-12:], start=28) if (i + 1) % REMEASURE_EVERY]
+        chosen = drive(ctrl, batch, 0.8, CHEAP, 60)
+        tail = [c for i, c in enumerate(chosen[-20:], start=40) if (i + 1) % REMEASURE_EVERY]
         assert tail == [(2, batch)] * len(tail), chosen
+        assert abs(ctrl.acceptance - 0.8) < 0.15
 
 
 def test_catch_up_cost_of_the_first_probe_step_is_not_held_against_speculation():
     ctrl = SpecController(max_k=4)
-    chosen = drive(ctrl, 32, WINS, 30, catch_up_seconds=1.0)  # a catch-up ten times a whole step
+    chosen = drive(ctrl, 32, 0.8, CHEAP, 40, catch_up_seconds=1.0)  # a catch-up worth 4 whole steps
     assert chosen[-1] == (2, 32), chosen
 
 
 def test_free_proposals_are_probed_at_the_largest_k_on_the_whole_batch():
     ctrl = SpecController(max_k=4, free_proposals=True)
-    chosen = drive(ctrl, 16, {0: 100, 1: 95, 2: 102, 4: 130}, 30)
+    chosen = drive(ctrl, 16, 0.4, {0: 1.0, 1: 1.05, 2: 1.1, 4: 1.15}, 30)
     # No catch-up step: the probe is exactly PROBE_STEPS measured steps.
     assert chosen[WARMUP_STEPS : WARMUP_STEPS + PROBE_STEPS] == [(4, 16)] * PROBE_STEPS
-    assert chosen[-1] == (4, 16), chosen
+    assert chosen[-1] == (4, 16), chosen  # 1.66 tokens for 1.15 beats 1.56 for 1.1 and 1.4 for 1.05
 
 
-def test_switches_off_when_speculation_stops_paying_and_back_on_when_it_pays_again():
+def test_switches_off_when_acceptance_drops_and_back_on_when_it_recovers():
     ctrl = SpecController(max_k=4)
-    phases = lambda step: LOSES if 30 <= step < 60 else WINS  # noqa: E731
-    chosen = drive(ctrl, 8, phases, 60 + 2 * FIRST_REPROBE)
-    assert (2, 8) in chosen[:30]
-    assert chosen[45:60] == [(0, 0)] * 15, chosen
-    assert chosen[-1] == (2, 8), chosen
+    alpha = lambda step: 0.05 if 40 <= step < 140 else 0.8  # noqa: E731
+    chosen = drive(ctrl, 8, alpha, CHEAP, 140 + 2 * FIRST_REPROBE)
+    assert (2, 8) in chosen[:40]
+    assert chosen[110:140] == [(0, 0)] * 30, chosen[40:140]
+    assert chosen[-1] == (2, 8), chosen[140:]
 
 
 def test_buckets_are_independent_and_pinned_mode_is_fixed():
     ctrl = SpecController(max_k=4)
-    drive(ctrl, 64, LOSES, 20)
-    assert drive(ctrl, 1, WINS, 30)[-1] == (2, 1)
+    drive(ctrl, 64, 0.8, EXPENSIVE, 20)
+    assert drive(ctrl, 1, 0.8, CHEAP, 40)[-1] == (2, 1)
     assert ctrl.choose_k(64) == (0, 0)
     assert SpecController(max_k=3, adaptive=False).choose_k(64) == (3, 64)

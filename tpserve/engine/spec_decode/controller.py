@@ -3,29 +3,34 @@
 Whether speculation pays depends on the acceptance rate and on how the cost of a step grows with
 the tokens verified and the draft passes run, which differs by machine (a GPU at small batch is
 memory-bound and verifies k + 1 tokens almost for free; a CPU pays per token). So the controller
-measures instead of assuming. For each batch-size bucket (powers of two) it keeps a moving average
-of decode throughput (tokens emitted per second of whole engine step, draft and verification
-included) for each candidate k it has run on the whole batch.
+measures the cost instead of assuming it, and splits the throughput of a step into two estimates
+that converge at different speeds:
 
-A bucket starts at k = 0, the safe choice. It then probes `probe_k` for PROBE_STEPS steps, for a
-draft model on a few sequences only (PROBE_SEQS). From the extra tokens and extra seconds those few
-add, summed over the probe, it extrapolates linearly per sequence (which over-charges the draft's shared
-per-pass cost, so it errs towards not speculating) what speculating on the whole batch would
-yield. Only if that beats k = 0 does the bucket switch on; it then runs each candidate on the
-whole batch and keeps the best, re-measuring k = 0 now and then. A lost probe is repeated after
-an interval that doubles each time (acceptance drifts, so the answer may change), so the probes
-of a bucket where speculation never pays cost ever less.
+- the *cost*: for each batch-size bucket (powers of two) and each candidate k, a moving average
+  of the whole engine step's seconds (draft passes, verification and sampling included) when the
+  whole batch speculates with k. Step times vary little from step to step.
+- the *yield*: tokens per sequence-step are very noisy (a step emits anything from 1 to k + 1), so
+  they are not averaged per k. Instead one acceptance rate alpha is estimated from every
+  verification (a geometric model: each proposal is accepted with probability alpha, a shortfall
+  of proposals counts as a rejection), and a sequence speculating with k emits on average
+  E_k = 1 + alpha + ... + alpha^k tokens.
 
-The first step of a probe, and the first after switching on, is not measured: it includes the
-draft's one-time catch-up over the new speculating sequences' contexts.
+The predicted throughput of k is batch * E_k / cost_k, and the best k is chosen from these.
 
-A probe that is clearly losing after two measured steps stops early.
-
-A draft model is probed at k = 1 on PROBE_SEQS sequences (one draft pass per proposed token, and
-a catch-up over each new sequence's context: the cheapest probe). A proposer whose proposals cost
-nothing to make (n-gram lookup) is probed at its largest k on the whole batch: only verification
-rows are paid for, and measuring the whole batch needs no extrapolation. Pinned
-(`adaptive=False`) it always returns max_k.
+A bucket starts at k = 0, the safe choice, and probes before it speculates on everyone. A draft
+model is probed at k = 1 on PROBE_SEQS sequences (one draft pass per proposed token, and a
+catch-up over each new sequence's context; the first probe step, which pays the catch-up, is not
+measured): from the extra tokens and seconds those few add it extrapolates, linearly per sequence
+(which over-charges the draft's shared per-pass cost, so it errs towards not speculating), what
+the whole batch would yield. A proposer whose proposals cost nothing to make (n-gram lookup) is
+probed at its largest k on the whole batch: only verification rows are paid for, and measuring the
+whole batch needs no extrapolation. A probe measures at least PROBE_STEPS steps and PROBE_SEQ_STEPS
+speculating sequence-steps, unless after two measured steps its cost alone shows it losing even if
+every proposal were accepted. Only if the probe beats k = 0 does the bucket switch on: it measures each candidate's cost,
+then runs the best predicted k, re-measuring the cost of k = 0 every REMEASURE_EVERY steps, and
+switches off when k = 0 is predicted best. A lost probe is repeated after an interval that doubles
+each time (64, 128, ... 1024 steps), so probing a bucket where speculation never pays costs ever
+less. Pinned (`adaptive=False`) it always returns max_k.
 """
 
 from __future__ import annotations
@@ -33,21 +38,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 WARMUP_STEPS = 2  # k = 0 steps measured before the first probe
-PROBE_STEPS = 4  # measured probe steps (after one unmeasured catch-up step)
+PROBE_STEPS = 4  # a probe measures at least this many steps ...
+PROBE_SEQ_STEPS = 16  # ... and this many speculating sequence-steps (acceptance is noisy)
 PROBE_SEQS = 4
-CLEARLY_LOSING = 0.8  # a probe stops early when, after two measured steps, it is this far behind
+COST_SAMPLES = 2  # measured steps of each candidate before predictions use its cost
 FIRST_REPROBE = 64  # steps from a lost probe to the next; doubles after each lost probe
 MAX_REPROBE = 1024
-REMEASURE_EVERY = 32  # while on: one k = 0 step this often keeps the baseline current
+REMEASURE_EVERY = 32  # while on: one k = 0 step this often keeps its cost current
+ACCEPTANCE_DECAY = 1 / 256  # weight of one verification in the acceptance estimate
 
 
 @dataclass
-class _Arm:
-    rate: float = 0.0
+class _Cost:
+    seconds: float = 0.0
     count: int = 0
 
-    def add(self, rate: float, smoothing: float) -> None:
-        self.rate = rate if self.count == 0 else self.rate + smoothing * (rate - self.rate)
+    def add(self, seconds: float, smoothing: float) -> None:
+        self.seconds = seconds if self.count == 0 else self.seconds + smoothing * (seconds - self.seconds)
         self.count += 1
 
 
@@ -62,7 +69,7 @@ class _Probe:
 
 @dataclass
 class _Bucket:
-    arms: dict[int, _Arm] = field(default_factory=dict)
+    costs: dict[int, _Cost] = field(default_factory=dict)
     on: bool = False
     probe: _Probe | None = None
     next_probe: int = WARMUP_STEPS  # step at which the next probe starts (while off)
@@ -70,8 +77,13 @@ class _Bucket:
     skip_next: bool = False  # the next full-batch speculative step pays catch-up: don't measure it
     steps: int = 0
 
-    def arm(self, k: int) -> _Arm:
-        return self.arms.setdefault(k, _Arm())
+    def cost(self, k: int) -> _Cost:
+        return self.costs.setdefault(k, _Cost())
+
+
+def expected_tokens(alpha: float, k: int) -> float:
+    """Mean tokens one verification emits with k proposals each accepted with probability alpha."""
+    return sum(alpha**i for i in range(k + 1))
 
 
 class SpecController:
@@ -86,8 +98,15 @@ class SpecController:
         self.probe_seqs = None if free_proposals else PROBE_SEQS  # None: the whole batch
         self.probe_catch_up = not free_proposals  # a draft's first probe step catches up
         self.buckets: dict[int, _Bucket] = {}
-        self.acceptance = 0.0  # moving average per proposed token, for reporting
-        self._accept_weight = 0.05
+        # Decayed counts of accepted proposals and of verifications that ended early.
+        self._accepted = 0.0
+        self._ended = 0.0
+
+    @property
+    def acceptance(self) -> float:
+        """Estimated probability that a proposal is accepted (given the ones before it were)."""
+        total = self._accepted + self._ended
+        return self._accepted / total if total else 0.0
 
     @staticmethod
     def bucket_of(batch_size: int) -> int:
@@ -96,20 +115,24 @@ class SpecController:
     def _bucket(self, batch_size: int) -> _Bucket:
         return self.buckets.setdefault(self.bucket_of(batch_size), _Bucket())
 
+    def predicted_rate(self, b: _Bucket, k: int) -> float:
+        """Predicted tokens per second per sequence of speculating with k (0: not at all)."""
+        return expected_tokens(self.acceptance, k) / b.cost(k).seconds
+
     def choose_k(self, batch_size: int) -> tuple[int, int]:
         """-> (k, how many of the batch's sequences speculate this step)."""
         if not self.adaptive or batch_size == 0:
             return self.max_k, batch_size
         b = self._bucket(batch_size)
         b.steps += 1
-        if self.max_k == 0 or b.arm(0).count < WARMUP_STEPS:
+        if self.max_k == 0 or b.cost(0).count < WARMUP_STEPS:
             return 0, 0
         if b.on:
             if b.steps % REMEASURE_EVERY == 0:
                 return 0, 0
-            untried = [k for k in self.candidates if b.arm(k).count == 0]
-            k = untried[0] if untried else max(self.candidates, key=lambda c: b.arm(c).rate)
-            if k == 0:  # no k beats k = 0 any more: off, and probe again later
+            unmeasured = [k for k in self.candidates if b.cost(k).count < COST_SAMPLES]
+            k = unmeasured[0] if unmeasured else max(self.candidates, key=lambda c: self.predicted_rate(b, c))
+            if k == 0:  # no k is predicted to beat k = 0 any more: off, and probe again later
                 self._switch_off(b)
             return k, (batch_size if k else 0)
         if b.probe is None and b.steps >= b.next_probe:
@@ -125,23 +148,23 @@ class SpecController:
             return
         b = self._bucket(batch_size)
         if num_spec == 0 or k == 0:
-            b.arm(0).add(tokens / seconds, self.smoothing)
-            return
-        if b.probe is not None and k == self.probe_k:
+            b.cost(0).add(seconds, self.smoothing)
+        elif b.probe is not None and k == self.probe_k:
             self._record_probe(b, batch_size, num_spec, tokens, seconds)
         elif num_spec >= batch_size and b.on:
             if b.skip_next:
                 b.skip_next = False
             else:
-                b.arm(k).add(tokens / seconds, self.smoothing)
+                b.cost(k).add(seconds, self.smoothing)
 
     def _record_probe(self, b: _Bucket, batch_size: int, num_spec: int, tokens: int, seconds: float) -> None:
         p = b.probe
         if not p.caught_up:
             p.caught_up = True
             return
-        base = b.arm(0).rate
-        plain_seconds = batch_size / base
+        if num_spec >= batch_size:
+            b.cost(self.probe_k).add(seconds, self.smoothing)
+        plain_seconds = b.cost(0).seconds
         p.extra_tokens += tokens - batch_size
         p.extra_seconds += seconds - plain_seconds
         p.seq_steps += num_spec
@@ -149,16 +172,17 @@ class SpecController:
         # Whole-batch estimate: every sequence adds what the probed ones added on average.
         per_seq_tokens = p.extra_tokens / p.seq_steps
         per_seq_seconds = p.extra_seconds / p.seq_steps
-        whole = batch_size * (1 + per_seq_tokens) / max(plain_seconds + batch_size * per_seq_seconds, 1e-9)
-        clearly_losing = p.measured >= 2 and whole < CLEARLY_LOSING * base
-        if p.measured < PROBE_STEPS and not clearly_losing:
+        whole_seconds = max(plain_seconds + batch_size * per_seq_seconds, 1e-9)
+        whole = batch_size * (1 + per_seq_tokens) / whole_seconds
+        base = batch_size / plain_seconds
+        # Clearly losing: even if every proposal were accepted the whole batch would be slower.
+        clearly_losing = p.measured >= 2 and batch_size * (1 + self.probe_k) / whole_seconds < base
+        if (p.measured < PROBE_STEPS or p.seq_steps < PROBE_SEQ_STEPS) and not clearly_losing:
             return
         b.probe = None
         if whole > base:
             b.on = True
             b.interval = FIRST_REPROBE
-            arm = b.arm(self.probe_k)
-            arm.rate, arm.count = whole, 1
             b.skip_next = num_spec < batch_size  # the rest of the batch has yet to catch up
         else:
             self._switch_off(b)
@@ -166,10 +190,15 @@ class SpecController:
     @staticmethod
     def _switch_off(b: _Bucket) -> None:
         b.on = False
-        b.arms = {0: b.arm(0)}  # speculative arms are measured afresh when it next switches on
+        b.costs = {0: b.cost(0)}  # speculative costs are measured afresh when it next switches on
         b.next_probe = b.steps + b.interval
         b.interval = min(2 * b.interval, MAX_REPROBE)
 
-    def record_verification(self, num_accepted: int, num_proposed: int) -> None:
-        if num_proposed:
-            self.acceptance += self._accept_weight * (num_accepted / num_proposed - self.acceptance)
+    def record_verification(self, num_accepted: int, num_requested: int) -> None:
+        """One sequence's verification: `num_accepted` of the `num_requested` proposals it asked for
+        were accepted (a proposer that found fewer counts as rejected at the first missing one)."""
+        if num_requested <= 0:
+            return
+        keep = 1 - ACCEPTANCE_DECAY
+        self._accepted = keep * self._accepted + num_accepted
+        self._ended = keep * self._ended + (1 if num_accepted < num_requested else 0)

@@ -82,8 +82,7 @@ class SpecDecoder:
                     draft_probs = torch.zeros(len(props), rows.shape[-1], device=rows.device)
                     draft_probs[torch.arange(len(props)), torch.tensor(props, dtype=torch.long)] = 1.0
                 tokens = verify_sampled(mine.softmax(dim=-1), draft_probs, props, generator)
-            if props:
-                self.controller.record_verification(len(tokens) - 1, len(props))
+            self.controller.record_verification(len(tokens) - 1, proposal.requested)
             out.append(tokens)
         return out
 

@@ -26,6 +26,7 @@ from tpserve.engine.step import SeqWork, StepPlan
 class Proposal:
     tokens: list[int]
     draft_probs: torch.Tensor | None = None  # [len(tokens), V]; None means one-hot (deterministic)
+    requested: int = 0  # the k asked for (n-gram lookup may find fewer)
 
 
 def with_history(seq: Sequence, extra: list[int]) -> Sequence:
@@ -51,7 +52,7 @@ class DraftProposer:
         return count if preemptions == seq.num_preemptions else 0
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
-        proposals = [Proposal([]) for _ in seqs]
+        proposals = [Proposal([], requested=k) for k in ks]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
         for j in range(max(ks, default=0)):
             active = [i for i, k in enumerate(ks) if k > j]
@@ -98,14 +99,22 @@ class DraftProposer:
 
 
 class NgramProposer:
+    """Prompt lookup. `lookup` states the rule; `propose` applies it through an index per sequence
+    that is extended by the tokens appended since the last call (a sequence's tokens only ever
+    grow), so each step costs O(new tokens + k) instead of a scan of the whole context."""
+
     free_proposals = True  # a lookup in the token history; only verification is paid for
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1) -> None:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.num_forwards = 0
+        # seq_id -> (tokens indexed, {n: {n-gram: latest start whose n-gram has a following token}})
+        self._index: dict[int, tuple[int, dict[int, dict[tuple, int]]]] = {}
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
+        """The up to k tokens that followed the most recent earlier occurrence of the longest
+        matching suffix n-gram (n from max_ngram down to min_ngram); [] when none occurs."""
         for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
             tail = tokens[-n:]
             # Most recent earlier occurrence first: recent context predicts best.
@@ -116,11 +125,28 @@ class NgramProposer:
                         return follow
         return []
 
+    def _indexed_lookup(self, seq_id: int, tokens: list[int], k: int) -> list[int]:
+        done, grams = self._index.get(seq_id, (0, {}))
+        if done > len(tokens):  # never expected (tokens only grow), but never trust a stale index
+            done, grams = 0, {}
+        # An n-gram starting at s is indexed once its following token (at s + n) exists.
+        for n in range(self.min_ngram, self.max_ngram + 1):
+            table = grams.setdefault(n, {})
+            for start in range(max(0, done - n), len(tokens) - n):
+                table[tuple(tokens[start : start + n])] = start
+        self._index[seq_id] = (len(tokens), grams)
+        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
+            start = grams[n].get(tuple(tokens[-n:]))
+            if start is not None:
+                return tokens[start + n : start + n + k]
+        return []
+
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
-        return [Proposal(self.lookup(seq.token_ids, k) if k > 0 else []) for seq, k in zip(seqs, ks)]
+        return [Proposal(self._indexed_lookup(seq.seq_id, seq.token_ids, k) if k > 0 else [], requested=k)
+                for seq, k in zip(seqs, ks)]
 
     def on_verified(self, seq: Sequence) -> None:
         pass
 
     def release(self, seq_id: int) -> None:
-        pass
+        self._index.pop(seq_id, None)
