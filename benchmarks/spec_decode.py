@@ -8,7 +8,8 @@ untimed run of other prompts of the same shape, the steady state of a server tha
 serving this load (compared with no speculation after the same warm-up run). Reports the median
 output tokens/s, the median and the smallest of the per-repeat ratios to no speculation (wall
 clock), the ratio of target forwards, tokens per target forward, acceptance, and whether every
-output equals the non-speculative output.
+output equals the non-speculative output. An `off control` row repeats the no-speculation config
+as if it were another one: its ratios show how far this machine's noise alone moves a ratio.
 
     python benchmarks/spec_decode.py [--batch-sizes 1 4 16 64] [--ks 2 4 6] [--methods draft ngram]
                                      [--policies fixed adaptive adaptive-warm] [--repeats 3]
@@ -108,6 +109,8 @@ def main() -> None:
     prompts_all = heldout_prompts(model, tokenizer, max(args.batch_sizes), args.prompt_len, args.seed)
     warm_all = heldout_prompts(model, tokenizer, max(args.batch_sizes), args.prompt_len, args.seed + 1)
     configs = [("off", "-", 0)] + [(m, pol, k) for m in args.methods for pol in args.policies for k in args.ks]
+    # A second, identical no-speculation config: its ratio to the first shows this machine's noise.
+    configs.insert(1, ("off", "control", 0))
     if "adaptive-warm" in args.policies:
         configs.insert(1, ("off", "warm", 0))  # the baseline of the warm rows: same warm-up, no speculation
     rows = []

@@ -62,7 +62,7 @@ def test_large_batch_probes_few_sequences_stops_early_when_clearly_losing_then_b
 
 def test_a_close_probe_runs_all_its_steps():
     ctrl = SpecController(max_k=4)
-    chosen = drive(ctrl, 64, 0.6, {0: 1.0, 1: 1.75, 2: 2.5, 4: 4.0}, 12)  # k = 1 yields ~1.6 for 1.75
+    chosen = drive(ctrl, 64, 0.6, {0: 1.0, 1: 1.75, 2: 2.5, 4: 4.0}, 20)  # k = 1 yields ~1.6 for 1.75
     assert chosen[WARMUP_STEPS : WARMUP_STEPS + 2 + PROBE_STEPS] == [(1, PROBE_SEQS)] * (1 + PROBE_STEPS) + [(0, 0)]
 
 
@@ -83,10 +83,10 @@ def test_catch_up_cost_of_the_first_probe_step_is_not_held_against_speculation()
 
 def test_free_proposals_are_probed_at_the_largest_k_on_the_whole_batch():
     ctrl = SpecController(max_k=4, free_proposals=True)
-    chosen = drive(ctrl, 16, 0.4, {0: 1.0, 1: 1.05, 2: 1.1, 4: 1.15}, 30)
+    chosen = drive(ctrl, 16, 0.4, {0: 1.0, 1: 1.05, 2: 1.1, 4: 1.1}, 40)
     # No catch-up step: the probe is exactly PROBE_STEPS measured steps.
     assert chosen[WARMUP_STEPS : WARMUP_STEPS + PROBE_STEPS] == [(4, 16)] * PROBE_STEPS
-    assert chosen[-1] == (4, 16), chosen  # 1.66 tokens for 1.15 beats 1.56 for 1.1 and 1.4 for 1.05
+    assert chosen[-1] == (4, 16), chosen  # 1.66 tokens for 1.1 beats 1.56 for 1.1 and 1.4 for 1.05
 
 
 def test_switches_off_when_acceptance_drops_and_back_on_when_it_recovers():
@@ -96,6 +96,13 @@ def test_switches_off_when_acceptance_drops_and_back_on_when_it_recovers():
     assert (2, 8) in chosen[:40]
     assert chosen[110:140] == [(0, 0)] * 30, chosen[40:140]
     assert chosen[-1] == (2, 8), chosen[140:]
+
+
+def test_a_batch_size_that_does_not_last_is_not_probed():
+    ctrl = SpecController(max_k=4)
+    for _ in range(10):  # a load alternating between two batch sizes, never long at either
+        assert drive(ctrl, 8, 0.8, CHEAP, WARMUP_STEPS) + drive(ctrl, 32, 0.8, CHEAP, WARMUP_STEPS) == \
+            [(0, 0)] * (2 * WARMUP_STEPS)
 
 
 def test_buckets_are_independent_and_pinned_mode_is_fixed():

@@ -75,48 +75,46 @@ def _attend(q, k, v, q_pos, k_pos, scale, sliding_window):
 
 
 @dataclass
-class _ShortPlan:
-    """Index tensors for the batched path over S short sequences with at most Q query rows each
-    and contexts of at most L tokens."""
+class _Group:
+    """Index tensors for S short sequences with exactly Q query rows each and contexts of at most
+    L tokens: one gather and one fused attention call per layer."""
 
-    rows: torch.Tensor  # [S, Q] query row of each (sequence, query); padding repeats the last row
+    rows: torch.Tensor | None  # [S * Q] query rows, sequence by sequence; None: all rows, in order
     slots: torch.Tensor  # [S, L] cache slot of each context position (position 0's past the end)
     allowed: torch.Tensor  # [S, 1, Q, L] causal (and sliding-window) mask
-    out_rows: torch.Tensor | None  # rows of the output the valid entries fill; None: all, in order
-    valid: torch.Tensor | None  # [S, Q] which entries are real queries; None: all
+    num_queries: int
 
 
-def _short_plan(meta: AttentionMetadata, block_size: int, sliding_window: int | None, device):
+def _short_groups(meta: AttentionMetadata, block_size: int, sliding_window: int | None, device) -> list[_Group]:
+    """Short sequences grouped by query length (decodes: 1, verifications: k + 1), so that no group
+    pads its queries."""
     starts = meta.query_start_loc_cpu
-    seqs = [i for i in range(meta.num_seqs) if 0 < starts[i + 1] - starts[i] <= SHORT_QUERY_LEN]
-    if not seqs:
-        return None
-    q_lens = [starts[i + 1] - starts[i] for i in seqs]
-    max_q = max(q_lens)
-    rows = [[starts[i] + min(j, n - 1) for j in range(max_q)] for i, n in zip(seqs, q_lens)]
-    max_len = max(meta.seq_lens_cpu[i] for i in seqs)
-    index = torch.tensor(seqs, dtype=torch.long, device=device)
-    seq_lens = meta.seq_lens.long()[index]
-    pos = torch.arange(max_len, device=device)
-    table_cols = (pos // block_size).clamp(max=meta.block_tables.shape[1] - 1)
-    slots = meta.block_tables.long()[index][:, table_cols] * block_size + pos % block_size  # [S, L]
-    # Positions past a sequence's end may hold stale or non-finite values; read its position 0
-    # there instead (always written), so masked entries never carry NaN into 0 * value.
-    slots = torch.where(pos[None, :] < seq_lens[:, None], slots, slots[:, :1])
-    q_len_t = torch.tensor(q_lens, device=device)
-    offset = torch.arange(max_q, device=device).clamp(max=q_len_t[:, None] - 1)  # [S, Q]
-    q_pos = seq_lens[:, None] - q_len_t[:, None] + offset
-    allowed = pos[None, None, :] <= q_pos[:, :, None]
-    if sliding_window is not None:
-        allowed &= (q_pos[:, :, None] - pos[None, None, :]) < sliding_window
-    in_order = len(seqs) == meta.num_seqs and all(n == max_q for n in q_lens)
-    valid = None if in_order else torch.arange(max_q, device=device)[None, :] < q_len_t[:, None]
-    out_rows = None
-    if valid is not None:
-        out_rows = torch.tensor([starts[i] + j for i, n in zip(seqs, q_lens) for j in range(n)],
-                                dtype=torch.long, device=device)
-    return _ShortPlan(torch.tensor(rows, dtype=torch.long, device=device), slots, allowed[:, None],
-                      out_rows, valid)
+    by_len: dict[int, list[int]] = {}
+    for i in range(meta.num_seqs):
+        n = starts[i + 1] - starts[i]
+        if 0 < n <= SHORT_QUERY_LEN:
+            by_len.setdefault(n, []).append(i)
+    groups = []
+    table = meta.block_tables.long()
+    for n, seqs in sorted(by_len.items()):
+        everything = len(seqs) == meta.num_seqs  # then rows are 0..T-1 in order
+        index = None if everything else torch.tensor(seqs, dtype=torch.long, device=device)
+        seq_lens = meta.seq_lens.long() if everything else meta.seq_lens.long()[index]
+        max_len = max(meta.seq_lens_cpu[i] for i in seqs)
+        pos = torch.arange(max_len, device=device)
+        tables = table if everything else table[index]
+        slots = tables[:, pos // block_size] * block_size + pos % block_size  # [S, L]
+        # Positions past a sequence's end may hold stale or non-finite values; read its position
+        # 0 there instead (always written), so masked entries never carry NaN into 0 * value.
+        slots = torch.where(pos[None, :] < seq_lens[:, None], slots, slots[:, :1])
+        q_pos = seq_lens[:, None] - n + torch.arange(n, device=device)[None, :]  # [S, Q]
+        allowed = pos[None, None, :] <= q_pos[:, :, None]
+        if sliding_window is not None:
+            allowed &= (q_pos[:, :, None] - pos[None, None, :]) < sliding_window
+        rows = None if everything else torch.tensor(
+            [starts[i] + j for i in seqs for j in range(n)], dtype=torch.long, device=device)
+        groups.append(_Group(rows, slots, allowed[:, None], n))
+    return groups
 
 
 def paged_attention_ref(
@@ -131,27 +129,27 @@ def paged_attention_ref(
     cached context (which must already include the new tokens' K/V). Returns [num_tokens,
     num_heads, head_dim].
 
-    Sequences with few queries (decode, speculative verification) share one gather and one fused
-    attention call per layer, with the index tensors built once per step; prefill chunks are
-    attended one sequence at a time."""
+    Sequences with few queries (decode, speculative verification) are grouped by query count;
+    each group takes one gather and one fused attention call per layer, with the index tensors
+    built once per step. Prefill chunks are attended one sequence at a time."""
     num_tokens, num_heads, head_dim = q.shape
     block_size, num_kv = k_cache.shape[1], k_cache.shape[2]
     key = ("ref", block_size, sliding_window, q.device)
     if key not in meta.derived:
-        meta.derived[key] = _short_plan(meta, block_size, sliding_window, q.device)
-    plan = meta.derived[key]
+        meta.derived[key] = _short_groups(meta, block_size, sliding_window, q.device)
     out = None
-    if plan is not None:
-        k = k_cache.view(-1, num_kv, head_dim)[plan.slots].transpose(1, 2)  # [S, Hkv, L, D]
-        v = v_cache.view(-1, num_kv, head_dim)[plan.slots].transpose(1, 2)
+    for g in meta.derived[key]:
+        k = k_cache.view(-1, num_kv, head_dim)[g.slots].transpose(1, 2)  # [S, Hkv, L, D]
+        v = v_cache.view(-1, num_kv, head_dim)[g.slots].transpose(1, 2)
+        q_g = (q if g.rows is None else q[g.rows]).view(-1, g.num_queries, num_heads, head_dim)
         short = F.scaled_dot_product_attention(
-            q[plan.rows].transpose(1, 2), k, v, attn_mask=plan.allowed, scale=scale,
-            enable_gqa=num_heads != num_kv,
-        ).transpose(1, 2)  # [S, Q, H, D]
-        if plan.valid is None:
-            return short.reshape(num_tokens, num_heads, head_dim)
-        out = q.new_empty(q.shape)
-        out[plan.out_rows] = short[plan.valid]
+            q_g.transpose(1, 2), k, v, attn_mask=g.allowed, scale=scale, enable_gqa=num_heads != num_kv,
+        ).transpose(1, 2).reshape(-1, num_heads, head_dim)  # [S * Q, H, D]
+        if g.rows is None:
+            return short
+        if out is None:
+            out = torch.empty_like(q)
+        out[g.rows] = short
     if out is None:
         out = torch.empty_like(q)
     starts = meta.query_start_loc_cpu

@@ -17,7 +17,9 @@ that converge at different speeds:
 
 The predicted throughput of k is batch * E_k / cost_k, and the best k is chosen from these.
 
-A bucket starts at k = 0, the safe choice, and probes before it speculates on everyone. A draft
+A bucket starts at k = 0, the safe choice, and probes before it speculates on everyone, once the
+batch size has lasted WARMUP_STEPS steps (the batch sizes a load passes through while ramping up
+or down are never probed). A draft
 model is probed at k = 1 on PROBE_SEQS sequences (one draft pass per proposed token, and a
 catch-up over each new sequence's context; the first probe step, which pays the catch-up, is not
 measured): from the extra tokens and seconds those few add it extrapolates, linearly per sequence
@@ -37,7 +39,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-WARMUP_STEPS = 2  # k = 0 steps measured before the first probe
+WARMUP_STEPS = 8  # consecutive k = 0 steps at a batch size before it is probed (skips transients)
 PROBE_STEPS = 4  # a probe measures at least this many steps ...
 PROBE_SEQ_STEPS = 16  # ... and this many speculating sequence-steps (acceptance is noisy)
 PROBE_SEQS = 4
@@ -76,6 +78,7 @@ class _Bucket:
     interval: int = FIRST_REPROBE
     skip_next: bool = False  # the next full-batch speculative step pays catch-up: don't measure it
     steps: int = 0
+    streak: int = 0  # consecutive steps at this bucket
 
     def cost(self, k: int) -> _Cost:
         return self.costs.setdefault(k, _Cost())
@@ -98,6 +101,7 @@ class SpecController:
         self.probe_seqs = None if free_proposals else PROBE_SEQS  # None: the whole batch
         self.probe_catch_up = not free_proposals  # a draft's first probe step catches up
         self.buckets: dict[int, _Bucket] = {}
+        self._last_bucket: _Bucket | None = None
         # Decayed counts of accepted proposals and of verifications that ended early.
         self._accepted = 0.0
         self._ended = 0.0
@@ -125,7 +129,9 @@ class SpecController:
             return self.max_k, batch_size
         b = self._bucket(batch_size)
         b.steps += 1
-        if self.max_k == 0 or b.cost(0).count < WARMUP_STEPS:
+        b.streak = b.streak + 1 if b is self._last_bucket else 1
+        self._last_bucket = b
+        if self.max_k == 0 or b.cost(0).count < 2:
             return 0, 0
         if b.on:
             if b.steps % REMEASURE_EVERY == 0:
@@ -135,7 +141,7 @@ class SpecController:
             if k == 0:  # no k is predicted to beat k = 0 any more: off, and probe again later
                 self._switch_off(b)
             return k, (batch_size if k else 0)
-        if b.probe is None and b.steps >= b.next_probe:
+        if b.probe is None and b.steps >= b.next_probe and b.streak > WARMUP_STEPS:
             b.probe = _Probe(caught_up=not self.probe_catch_up)
         if b.probe is not None:
             return self.probe_k, min(self.probe_seqs or batch_size, batch_size)
