@@ -11,8 +11,8 @@ that converge at different speeds:
   whole batch speculates with k. Step times vary little from step to step.
 - the *yield*: tokens per sequence-step are very noisy (a step emits anything from 1 to k + 1), so
   they are not averaged per k. Instead one acceptance rate alpha is estimated from every
-  verification (a geometric model: each proposal is accepted with probability alpha, a shortfall
-  of proposals counts as a rejection), and a sequence speculating with k emits on average
+  verification of the last ACCEPTANCE_MEMORY or so steps (a geometric model: each proposal is
+  accepted with probability alpha, a shortfall of proposals counts as a rejection), and a sequence speculating with k emits on average
   E_k = 1 + alpha + ... + alpha^k tokens.
 
 The predicted throughput of k is batch * E_k / cost_k, and the best k is chosen from these.
@@ -47,7 +47,7 @@ COST_SAMPLES = 2  # measured steps of each candidate before predictions use its 
 FIRST_REPROBE = 64  # steps from a lost probe to the next; doubles after each lost probe
 MAX_REPROBE = 1024
 REMEASURE_EVERY = 32  # while on: one k = 0 step this often keeps its cost current
-ACCEPTANCE_DECAY = 1 / 256  # weight of one verification in the acceptance estimate
+ACCEPTANCE_MEMORY = 32  # steps: the acceptance counts decay by 1 - 1/ACCEPTANCE_MEMORY per step
 
 
 @dataclass
@@ -127,6 +127,9 @@ class SpecController:
         """-> (k, how many of the batch's sequences speculate this step)."""
         if not self.adaptive or batch_size == 0:
             return self.max_k, batch_size
+        keep = 1 - 1 / ACCEPTANCE_MEMORY  # acceptance drifts with the text: forget per step
+        self._accepted *= keep
+        self._ended *= keep
         b = self._bucket(batch_size)
         b.steps += 1
         b.streak = b.streak + 1 if b is self._last_bucket else 1
@@ -203,8 +206,6 @@ class SpecController:
     def record_verification(self, num_accepted: int, num_requested: int) -> None:
         """One sequence's verification: `num_accepted` of the `num_requested` proposals it asked for
         were accepted (a proposer that found fewer counts as rejected at the first missing one)."""
-        if num_requested <= 0:
-            return
-        keep = 1 - ACCEPTANCE_DECAY
-        self._accepted = keep * self._accepted + num_accepted
-        self._ended = keep * self._ended + (1 if num_accepted < num_requested else 0)
+        if num_requested > 0:
+            self._accepted += num_accepted
+            self._ended += 1 if num_accepted < num_requested else 0
