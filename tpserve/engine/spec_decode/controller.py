@@ -15,7 +15,9 @@ that converge at different speeds:
   accepted with probability alpha, a shortfall of proposals counts as a rejection), and a sequence speculating with k emits on average
   E_k = 1 + alpha + ... + alpha^k tokens.
 
-The predicted throughput of k is batch * E_k / cost_k, and the best k is chosen from these.
+The predicted throughput of k is batch * E_k / cost_k; the smallest k predicted within
+PREFER_SMALLER of the best is chosen (a larger k is more sensitive to an error in alpha, and k = 0
+risks nothing, so speculation must be predicted to win by that margin).
 
 A bucket starts at k = 0, the safe choice, and probes before it speculates on everyone, once the
 batch size has lasted WARMUP_STEPS steps (the batch sizes a load passes through while ramping up
@@ -47,7 +49,8 @@ COST_SAMPLES = 2  # measured steps of each candidate before predictions use its 
 FIRST_REPROBE = 64  # steps from a lost probe to the next; doubles after each lost probe
 MAX_REPROBE = 1024
 REMEASURE_EVERY = 32  # while on: one k = 0 step this often keeps its cost current
-ACCEPTANCE_MEMORY = 32  # steps: the acceptance counts decay by 1 - 1/ACCEPTANCE_MEMORY per step
+PREFER_SMALLER = 0.05  # a larger k must be predicted this much faster to be chosen over a smaller
+ACCEPTANCE_MEMORY = 16  # steps: the acceptance counts decay by 1 - 1/ACCEPTANCE_MEMORY per step
 
 
 @dataclass
@@ -123,6 +126,13 @@ class SpecController:
         """Predicted tokens per second per sequence of speculating with k (0: not at all)."""
         return expected_tokens(self.acceptance, k) / b.cost(k).seconds
 
+    def _best_k(self, b: _Bucket) -> int:
+        """The smallest k predicted within PREFER_SMALLER of the best: a larger k is more sensitive
+        to an error in the acceptance estimate (E_k grows like alpha^k), and k = 0 risks nothing."""
+        rates = {k: self.predicted_rate(b, k) for k in self.candidates}
+        best = max(rates.values())
+        return min(k for k, r in rates.items() if r >= (1 - PREFER_SMALLER) * best)
+
     def choose_k(self, batch_size: int) -> tuple[int, int]:
         """-> (k, how many of the batch's sequences speculate this step)."""
         if not self.adaptive or batch_size == 0:
@@ -140,7 +150,7 @@ class SpecController:
             if b.steps % REMEASURE_EVERY == 0:
                 return 0, 0
             unmeasured = [k for k in self.candidates if b.cost(k).count < COST_SAMPLES]
-            k = unmeasured[0] if unmeasured else max(self.candidates, key=lambda c: self.predicted_rate(b, c))
+            k = unmeasured[0] if unmeasured else self._best_k(b)
             if k == 0:  # no k is predicted to beat k = 0 any more: off, and probe again later
                 self._switch_off(b)
             return k, (batch_size if k else 0)
@@ -189,7 +199,7 @@ class SpecController:
         if (p.measured < PROBE_STEPS or p.seq_steps < PROBE_SEQ_STEPS) and not clearly_losing:
             return
         b.probe = None
-        if whole > base:
+        if whole > base / (1 - PREFER_SMALLER):
             b.on = True
             b.interval = FIRST_REPROBE
             b.skip_next = num_spec < batch_size  # the rest of the batch has yet to catch up
