@@ -5,7 +5,7 @@ speculation stops paying."""
 import random
 
 from tpserve.engine.spec_decode.controller import (
-    FIRST_REPROBE, PROBE_SEQS, PROBE_STEPS, REMEASURE_EVERY, WARMUP_STEPS, SpecController, expected_tokens,
+    FIRST_REPROBE, PROBE_SEQ_STEPS, PROBE_SEQS, PROBE_STEPS, REMEASURE_EVERY, WARMUP_STEPS, SpecController, expected_tokens,
 )
 
 
@@ -48,22 +48,24 @@ def test_expected_tokens():
 
 def test_large_batch_probes_few_sequences_stops_early_when_clearly_losing_then_backs_off():
     ctrl = SpecController(max_k=4)
-    steps = WARMUP_STEPS + 3 + 2 * FIRST_REPROBE + 4
+    steps = WARMUP_STEPS + 2 + 2 * FIRST_REPROBE + 4
     chosen = drive(ctrl, 64, 0.4, EXPENSIVE, steps)
-    # One unmeasured catch-up step, then two measured steps show it losing even at full acceptance.
-    first_end = WARMUP_STEPS + 3
-    assert chosen[:first_end] == [(0, 0)] * WARMUP_STEPS + [(1, PROBE_SEQS)] * 3
+    # One unmeasured catch-up step, then one measured step shows it losing even at full acceptance.
+    first_end = WARMUP_STEPS + 2
+    assert chosen[:first_end] == [(0, 0)] * WARMUP_STEPS + [(1, PROBE_SEQS)] * 2
     probes = [i for i, c in enumerate(chosen) if c != (0, 0)]
     # The second probe comes FIRST_REPROBE steps after the first one ended, and also loses; the
     # third would come twice as late, past the end of this run.
     second = first_end - 1 + FIRST_REPROBE
-    assert probes == list(range(WARMUP_STEPS, first_end)) + list(range(second, second + 3))
+    assert probes == list(range(WARMUP_STEPS, first_end)) + list(range(second, second + 2))
 
 
 def test_a_close_probe_runs_all_its_steps():
     ctrl = SpecController(max_k=4)
-    chosen = drive(ctrl, 64, 0.6, {0: 1.0, 1: 1.75, 2: 2.5, 4: 4.0}, 20)  # k = 1 yields ~1.6 for 1.75
-    assert chosen[WARMUP_STEPS : WARMUP_STEPS + 2 + PROBE_STEPS] == [(1, PROBE_SEQS)] * (1 + PROBE_STEPS) + [(0, 0)]
+    chosen = drive(ctrl, 64, 0.6, {0: 1.0, 1: 1.75, 2: 2.5, 4: 4.0}, 30)  # k = 1 yields ~1.6 for 1.75
+    measured = max(PROBE_STEPS, -(-PROBE_SEQ_STEPS // PROBE_SEQS))
+    probe = chosen[WARMUP_STEPS : WARMUP_STEPS + 2 + measured]
+    assert probe == [(1, PROBE_SEQS)] * (1 + measured) + [(0, 0)], chosen
 
 
 def test_speculates_where_it_wins_and_finds_the_best_k():

@@ -29,7 +29,7 @@ measured): from the extra tokens and seconds those few add it extrapolates, line
 the whole batch would yield. A proposer whose proposals cost nothing to make (n-gram lookup) is
 probed at its largest k on the whole batch: only verification rows are paid for, and measuring the
 whole batch needs no extrapolation. A probe measures at least PROBE_STEPS steps and PROBE_SEQ_STEPS
-speculating sequence-steps, unless after two measured steps its cost alone shows it losing even if
+speculating sequence-steps, unless its cost alone (which varies little) shows it losing even if
 every proposal were accepted. Only if the probe beats k = 0 does the bucket switch on: it measures each candidate's cost,
 then runs the best predicted k, re-measuring the cost of k = 0 every REMEASURE_EVERY steps, and
 switches off when k = 0 is predicted best. A lost probe is repeated after an interval that doubles
@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 WARMUP_STEPS = 8  # consecutive k = 0 steps at a batch size before it is probed (skips transients)
 PROBE_STEPS = 4  # a probe measures at least this many steps ...
 PROBE_SEQ_STEPS = 16  # ... and this many speculating sequence-steps (acceptance is noisy)
-PROBE_SEQS = 4
+PROBE_SEQS = 2  # a draft's probe: few sequences, since each pays a catch-up over its context
 COST_SAMPLES = 2  # measured steps of each candidate before predictions use its cost
 FIRST_REPROBE = 64  # steps from a lost probe to the next; doubles after each lost probe
 MAX_REPROBE = 1024
@@ -195,7 +195,7 @@ class SpecController:
         whole = batch_size * (1 + per_seq_tokens) / whole_seconds
         base = batch_size / plain_seconds
         # Clearly losing: even if every proposal were accepted the whole batch would be slower.
-        clearly_losing = p.measured >= 2 and batch_size * (1 + self.probe_k) / whole_seconds < base
+        clearly_losing = batch_size * (1 + self.probe_k) / whole_seconds < base
         if (p.measured < PROBE_STEPS or p.seq_steps < PROBE_SEQ_STEPS) and not clearly_losing:
             return
         b.probe = None
