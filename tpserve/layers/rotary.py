@@ -40,7 +40,8 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 class RotaryEmbedding(nn.Module):
     """cos/sin [num_tokens, 1, head_dim] at given positions [num_tokens] (`cos_sin`, once per
-    forward: every layer uses the same), applied to x [num_tokens, heads, head_dim] (`apply`)."""
+    forward: every layer uses the same), applied to x [num_tokens, heads, head_dim] by `rotate`
+    (not named `apply`: nn.Module.apply would be shadowed)."""
 
     def __init__(self, head_dim: int, rope: RopeConfig) -> None:
         super().__init__()
@@ -52,10 +53,6 @@ class RotaryEmbedding(nn.Module):
         return emb.cos().to(dtype)[:, None, :], emb.sin().to(dtype)[:, None, :]
 
     @staticmethod
-    def apply(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    def rotate(x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         cos, sin = cos_sin
         return x * cos + _rotate_half(x) * sin
-
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        cos_sin = self.cos_sin(positions, q.dtype)
-        return self.apply(q, cos_sin), self.apply(k, cos_sin)

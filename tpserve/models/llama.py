@@ -44,7 +44,7 @@ class LlamaAttention(nn.Module):
         q_size, kv_size = self.qkv_proj.q_size, self.qkv_proj.kv_size
         heads, kv_heads, head_dim = self.attn.num_heads, self.attn.num_kv_heads, self.attn.head_dim
         # q and k sit side by side in the fused output: rotate both in one pass.
-        qk = RotaryEmbedding.apply(qkv[:, : q_size + kv_size].view(-1, heads + kv_heads, head_dim), rope)
+        qk = RotaryEmbedding.rotate(qkv[:, : q_size + kv_size].view(-1, heads + kv_heads, head_dim), rope)
         out = self.attn(qk[:, :heads], qk[:, heads:], qkv[:, q_size + kv_size :], kv_cache, meta)
         return self.o_proj(out)
 
