@@ -61,12 +61,19 @@ def _gather_context(cache: torch.Tensor, block_table: torch.Tensor, seq_len: int
     return blocks.reshape(-1, *cache.shape[2:])[:seq_len]
 
 
+def _allowed(q_pos: torch.Tensor, k_pos: torch.Tensor, sliding_window: int | None) -> torch.Tensor:
+    """Query positions [..., Q], key positions [L] -> mask [..., Q, L]: causal, and within the
+    sliding window when there is one."""
+    allowed = k_pos <= q_pos[..., None]
+    if sliding_window is not None:
+        allowed &= (q_pos[..., None] - k_pos) < sliding_window
+    return allowed
+
+
 def _attend(q, k, v, q_pos, k_pos, scale, sliding_window):
     """q [Q, H, D], k/v [L, Hkv, D]; positions [Q], [L] -> [Q, H, D]. Query head h uses kv head
     h // (H / Hkv) (grouped inside the fused attention call, K/V are not copied per head)."""
-    allowed = k_pos[None, :] <= q_pos[:, None]
-    if sliding_window is not None:
-        allowed &= (q_pos[:, None] - k_pos[None, :]) < sliding_window
+    allowed = _allowed(q_pos, k_pos, sliding_window)
     out = F.scaled_dot_product_attention(
         q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), attn_mask=allowed, scale=scale,
         enable_gqa=q.shape[1] != k.shape[1],
@@ -108,9 +115,7 @@ def _short_groups(meta: AttentionMetadata, block_size: int, sliding_window: int 
         # 0 there instead (always written), so masked entries never carry NaN into 0 * value.
         slots = torch.where(pos[None, :] < seq_lens[:, None], slots, slots[:, :1])
         q_pos = seq_lens[:, None] - n + torch.arange(n, device=device)[None, :]  # [S, Q]
-        allowed = pos[None, None, :] <= q_pos[:, :, None]
-        if sliding_window is not None:
-            allowed &= (q_pos[:, :, None] - pos[None, None, :]) < sliding_window
+        allowed = _allowed(q_pos, pos, sliding_window)  # [S, Q, L]
         rows = None if everything else torch.tensor(
             [starts[i] + j for i in seqs for j in range(n)], dtype=torch.long, device=device)
         groups.append(_Group(rows, slots, allowed[:, None], n))
@@ -137,21 +142,19 @@ def paged_attention_ref(
     key = ("ref", block_size, sliding_window, q.device)
     if key not in meta.derived:
         meta.derived[key] = _short_groups(meta, block_size, sliding_window, q.device)
-    out = None
-    for g in meta.derived[key]:
+    groups = meta.derived[key]
+    everything_short = len(groups) == 1 and groups[0].rows is None
+    out = None if everything_short else torch.empty_like(q)
+    for g in groups:
         k = k_cache.view(-1, num_kv, head_dim)[g.slots].transpose(1, 2)  # [S, Hkv, L, D]
         v = v_cache.view(-1, num_kv, head_dim)[g.slots].transpose(1, 2)
         q_g = (q if g.rows is None else q[g.rows]).view(-1, g.num_queries, num_heads, head_dim)
         short = F.scaled_dot_product_attention(
             q_g.transpose(1, 2), k, v, attn_mask=g.allowed, scale=scale, enable_gqa=num_heads != num_kv,
         ).transpose(1, 2).reshape(-1, num_heads, head_dim)  # [S * Q, H, D]
-        if g.rows is None:
+        if everything_short:
             return short
-        if out is None:
-            out = torch.empty_like(q)
         out[g.rows] = short
-    if out is None:
-        out = torch.empty_like(q)
     starts = meta.query_start_loc_cpu
     for i, seq_len in enumerate(meta.seq_lens_cpu):
         qs, qe = starts[i], starts[i + 1]
