@@ -12,8 +12,8 @@ that converge at different speeds:
 - the *yield*: tokens per sequence-step are very noisy (a step emits anything from 1 to k + 1), so
   they are not averaged per k. Instead one acceptance rate alpha is estimated from every
   verification of the last ACCEPTANCE_MEMORY or so steps (a geometric model: each proposal is
-  accepted with probability alpha, a shortfall of proposals counts as a rejection), and a sequence speculating with k emits on average
-  E_k = 1 + alpha + ... + alpha^k tokens.
+  accepted with probability alpha, a shortfall of proposals counts as a rejection), and a
+  sequence speculating with k emits on average E_k = 1 + alpha + ... + alpha^k tokens.
 
 The predicted throughput of k is batch * E_k / cost_k; the smallest k predicted within
 PREFER_SMALLER of the best is chosen (a larger k is more sensitive to an error in alpha, and k = 0
@@ -21,20 +21,20 @@ risks nothing, so speculation must be predicted to win by that margin).
 
 A bucket starts at k = 0, the safe choice, and probes before it speculates on everyone, once the
 batch size has lasted WARMUP_STEPS steps (the batch sizes a load passes through while ramping up
-or down are never probed). A draft
-model is probed at k = 1 on PROBE_SEQS sequences (one draft pass per proposed token, and a
-catch-up over each new sequence's context; the first probe step, which pays the catch-up, is not
-measured): from the extra tokens and seconds those few add it extrapolates, linearly per sequence
-(which over-charges the draft's shared per-pass cost, so it errs towards not speculating), what
-the whole batch would yield. A proposer whose proposals cost nothing to make (n-gram lookup) is
-probed at its largest k on the whole batch: only verification rows are paid for, and measuring the
-whole batch needs no extrapolation. A probe measures at least PROBE_STEPS steps and PROBE_SEQ_STEPS
-speculating sequence-steps, unless its cost alone (which varies little) shows it losing even if
-every proposal were accepted. Only if the probe beats k = 0 does the bucket switch on: it measures each candidate's cost,
-then runs the best predicted k, re-measuring the cost of k = 0 every REMEASURE_EVERY steps, and
-switches off when k = 0 is predicted best. A lost probe is repeated after an interval that doubles
-each time (64, 128, ... 1024 steps), so probing a bucket where speculation never pays costs ever
-less. Pinned (`adaptive=False`) it always returns max_k.
+or down are never probed). A draft model is probed at k = 1 on PROBE_SEQS sequences (one draft
+pass per proposed token, and a catch-up over each new sequence's context; the first probe step,
+which pays the catch-up, is not measured): from the extra tokens and seconds those few add it
+extrapolates, linearly per sequence (which over-charges the draft's shared per-pass cost, so it
+errs towards not speculating), what the whole batch would yield. A proposer whose proposals cost
+nothing to make (n-gram lookup) is probed at its largest k on the whole batch: only verification
+rows are paid for, and measuring the whole batch needs no extrapolation. A probe measures at
+least PROBE_STEPS steps and PROBE_SEQ_STEPS speculating sequence-steps, unless its cost alone
+(which varies little) shows it losing even if every proposal were accepted. Only if the probe
+beats k = 0 by the same margin does the bucket switch on: it measures each candidate's cost, then
+runs the chosen k, re-measuring the cost of k = 0 every REMEASURE_EVERY steps, and switches off
+when k = 0 is chosen. A lost probe is repeated after an interval that doubles each time (64, 128,
+... 1024 steps), so probing a bucket where speculation never pays costs ever less. Pinned
+(`adaptive=False`) it always returns max_k.
 """
 
 from __future__ import annotations
