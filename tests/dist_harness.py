@@ -93,3 +93,8 @@ class LocalGroup(TPGroup):
 
     def gather_to_first(self, x, dim=-1):
         return x
+
+
+def local_ranks(tp_size: int) -> list[LocalGroup]:
+    """Every rank of a simulated group of tp_size."""
+    return [LocalGroup(tp_rank=r, tp_size=tp_size) for r in range(tp_size)]

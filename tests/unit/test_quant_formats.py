@@ -12,7 +12,7 @@ import torch
 
 from tiny_models import awq_tensors, dequantize_int4_ragged, gptq_tensors
 from tpserve.config import ConfigError
-from dist_harness import LocalGroup
+from dist_harness import LocalGroup, local_ranks
 from tpserve.distributed import TPGroup
 from tpserve.layers.linear import (
     ColumnParallelLinear,
@@ -24,12 +24,6 @@ from tpserve.layers.sources import InMemorySource
 from tpserve.ops.quant import dequantize_int4, quantize_int8
 from tpserve.quant import QuantConfig, QuantFormatError, get_quant_method
 from tpserve.quantize import quantize_tensor
-
-
-
-
-def ranks(tp_size):
-    return [LocalGroup(tp_rank=r, tp_size=tp_size) for r in range(tp_size)]
 
 
 def method(**qc):
@@ -72,7 +66,7 @@ def test_gptq_qkv_matches_dequantised(sym, act, v2, num_kv, tp_size):
     packed, deq = {}, {}
     for shard, n in (("q", heads * head_dim), ("k", num_kv * head_dim), ("v", num_kv * head_dim)):
         packed[shard], deq[shard] = gptq_tensors(torch.randn(n, hidden), group, sym, g_idx, v2)
-    for tp in ranks(tp_size):
+    for tp in local_ranks(tp_size):
         ql = QKVParallelLinear(hidden, head_dim, heads, num_kv, False, tp, torch.float32, gptq(group, sym, act, v2))
         fl = QKVParallelLinear(hidden, head_dim, heads, num_kv, False, tp, torch.float32)
         for shard in ("q", "k", "v"):
@@ -103,7 +97,7 @@ def test_merged_gate_up_matches_dequantised(fmt, hidden, tp_size):
     quant = {"gptq": gptq(group), "gptq-act": gptq(group, act=True),
              "awq": method(quant_method="awq", bits=4, group_size=group, zero_point=True, version="GEMM"),
              "tpserve": method(quant_method="tpserve", bits=4, group_size=group)}[fmt]
-    for tp in ranks(tp_size):
+    for tp in local_ranks(tp_size):
         ql = MergedColumnParallelLinear(hidden, [inter, inter], True, tp, torch.float32, quant)
         fl = MergedColumnParallelLinear(hidden, [inter, inter], True, tp, torch.float32)
         for shard, (tensors, w_deq) in enumerate(parts):
@@ -146,7 +140,7 @@ def test_row_parallel_matches_dequantised(fmt, k, group, tp_size):
     torch.manual_seed(2)
     (tensors, w_deq), quant = _row_tensors(fmt, torch.randn(n, k), group, seed=3)
     slices, padded = [], []
-    for tp in ranks(tp_size):
+    for tp in local_ranks(tp_size):
         layer = RowParallelLinear(k, n, False, tp, torch.float32, quant)
         load(layer, tensors)
         slices.append(effective(layer))
@@ -169,7 +163,7 @@ def test_int8_column_and_row(tp_size):
     (q1, s1), (q2, s2) = quantize_int8(w1), quantize_int8(w2)
     d1, d2 = q1.float() * s1[:, None], q2.float() * s2[:, None]
     cols, rows = [], []
-    for tp in ranks(tp_size):
+    for tp in local_ranks(tp_size):
         col = ColumnParallelLinear(16, 32, False, tp, torch.float32, quant)
         row = RowParallelLinear(32, 16, False, tp, torch.float32, quant)
         load(col, {"qweight": q1, "scales": s1}), load(row, {"qweight": q2, "scales": s2})

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_harness import LocalGroup
+from dist_harness import local_ranks
 from tpserve.distributed import TPGroup
 from tpserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tpserve.layers.linear import (
@@ -20,12 +20,6 @@ from tpserve.layers.linear import (
     RowParallelLinear,
 )
 from tpserve.layers.sources import InMemorySource, WeightShapeError
-
-
-
-
-def ranks(tp_size):
-    return [LocalGroup(tp_rank=r, tp_size=tp_size) for r in range(tp_size)]
 
 
 def load(layer, name, tensor, shard_id=None):
@@ -40,7 +34,7 @@ def test_column_and_row_parallel(tp_size):
     x = torch.randn(5, 16)
     want = F.linear(F.linear(x, w1, b1), w2, b2)
     partials = []
-    for tp in ranks(tp_size):
+    for tp in local_ranks(tp_size):
         col = ColumnParallelLinear(16, 32, True, tp, torch.float32)
         row = RowParallelLinear(32, 16, True, tp, torch.float32)
         load(col, "weight", w1), load(col, "bias", b1), load(row, "weight", w2), load(row, "bias", b2)
@@ -55,7 +49,7 @@ def test_merged_column_matches_separate(tp_size):
     torch.manual_seed(1)
     gate, up, x = torch.randn(24, 8), torch.randn(24, 8), torch.randn(3, 8)
     outs = []
-    for tp in ranks(tp_size):
+    for tp in local_ranks(tp_size):
         layer = MergedColumnParallelLinear(8, [24, 24], False, tp, torch.float32)
         load(layer, "weight", gate, 0), load(layer, "weight", up, 1)
         g, u = layer(x).chunk(2, dim=-1)
@@ -77,7 +71,7 @@ def test_qkv_sharding_and_kv_replication(num_kv_heads, tp_size):
     k_ref = F.linear(x, wk, bk).view(3, num_kv_heads, head_dim)
     v_ref = F.linear(x, wv, bv).view(3, num_kv_heads, head_dim)
     group = heads // num_kv_heads
-    for tp in ranks(tp_size):
+    for tp in local_ranks(tp_size):
         layer = QKVParallelLinear(hidden, head_dim, heads, num_kv_heads, True, tp, torch.float32)
         for shard, w, b in (("q", wq, bq), ("k", wk, bk), ("v", wv, bv)):
             load(layer, "weight", w, shard), load(layer, "bias", b, shard)
@@ -102,7 +96,7 @@ def test_vocab_parallel_embedding_and_head(vocab, tp_size):
     ids[0], ids[-1] = 0, vocab - 1
     hidden = torch.randn(4, 6)
     emb_sum, logits = 0, []
-    for tp in ranks(tp_size):
+    for tp in local_ranks(tp_size):
         emb = VocabParallelEmbedding(vocab, 6, tp, torch.float32)
         head = ParallelLMHead(vocab, 6, tp, torch.float32)
         load(emb, "weight", w), load(head, "weight", w)
