@@ -4,32 +4,44 @@ speculation stops paying."""
 
 import random
 
+import pytest
+
 from tpserve.engine.spec_decode.controller import (
     FIRST_REPROBE, PROBE_SEQ_STEPS, PROBE_SEQS, PROBE_STEPS, REMEASURE_EVERY, WARMUP_STEPS, SpecController, expected_tokens,
 )
 
 
-def drive(ctrl, batch, alpha, cost, steps, catch_up_seconds=0.0, seed=0):
-    """A simulated machine. cost[k]: seconds of a step in which the whole batch speculates with k;
-    a step with n of the batch speculating costs cost[0] + (cost[k] - cost[0]) * n / batch. Each
-    proposal is accepted with probability alpha (a number, or a function of the step index). The
-    first step in which a sequence speculates costs `catch_up_seconds` more."""
+def drive(ctrl, batch, alpha, cost, steps, catch_up_seconds=0.0, seed=0, first_id=0, shadow=False):
+    """A simulated machine running sequences first_id .. first_id + batch - 1. cost[k]: seconds of
+    a step in which the whole batch speculates with k; a step with n of the batch speculating costs
+    cost[0] + (cost[k] - cost[0]) * n / batch. Each proposal is accepted with probability alpha (a
+    number, or a function of the step index). The first step in which a sequence speculates costs
+    `catch_up_seconds` more. With `shadow`, each sequence not speculating records one shadow
+    verification at the controller's largest k per step, as free proposals do."""
     rng = random.Random(seed)
     chosen, caught_up = [], set()
+    ids = list(range(first_id, first_id + batch))
+    def verification(a, k):
+        accepted = 0
+        while accepted < k and rng.random() < a:
+            accepted += 1
+        return accepted
+
     for step in range(steps):
         a = alpha(step) if callable(alpha) else alpha
-        k, n = ctrl.choose_k(batch)
+        k, n = ctrl.choose_k(ids)
         chosen.append((k, n))
+        n = n if k else 0
         tokens, secs = batch, cost[0]
-        if k and n:
+        if n:
             secs += (cost[k] - cost[0]) * n / batch + catch_up_seconds * len(set(range(n)) - caught_up)
             caught_up |= set(range(n))
-            for _ in range(n):
-                accepted = 0
-                while accepted < k and rng.random() < a:
-                    accepted += 1
-                ctrl.record_verification(accepted, k)
-                tokens += accepted
+        for seq_id in ids[:n]:
+            accepted = verification(a, k)
+            ctrl.record_verification(seq_id, accepted, k)
+            tokens += accepted
+        for seq_id in ids[n:] if shadow else []:
+            ctrl.record_verification(seq_id, verification(a, ctrl.max_k), ctrl.max_k)
         ctrl.record_step(batch, k, n, tokens, secs)
     return chosen
 
@@ -115,5 +127,54 @@ def test_buckets_are_independent_and_pinned_mode_is_fixed():
     ctrl = SpecController(max_k=4)
     drive(ctrl, 64, 0.8, EXPENSIVE, 20)
     assert drive(ctrl, 1, 0.8, CHEAP, 40)[-1] == (2, 1)
-    assert ctrl.choose_k(64) == (0, 0)
-    assert SpecController(max_k=3, adaptive=False).choose_k(64) == (3, 64)
+    assert ctrl.choose_k(list(range(64))) == (0, 0)
+    assert SpecController(max_k=3, adaptive=False).choose_k(list(range(64))) == (3, 64)
+
+
+def test_each_sequence_has_its_own_acceptance_shrunk_towards_the_pooled_rate():
+    ctrl = SpecController(max_k=4)
+    for _ in range(30):
+        ctrl.choose_k([1, 2])
+        ctrl.record_verification(1, 4, 4)  # always fully accepted
+        ctrl.record_verification(2, 0, 4)  # always rejected at once
+    pooled = ctrl.acceptance
+    assert 0.7 < pooled < 0.9  # 4 accepted per 5 trials
+    assert ctrl.sequence_acceptance(1) > 0.95 and ctrl.sequence_acceptance(2) < 0.15
+    # A sequence without verifications of its own starts from the pooled rate, not from another's.
+    assert ctrl.sequence_acceptance(3) == pytest.approx(pooled)
+    ctrl.choose_k([2, 3])
+    e = ctrl.batch_expected_tokens(4)
+    assert e == pytest.approx((expected_tokens(ctrl.sequence_acceptance(2), 4)
+                               + expected_tokens(ctrl.sequence_acceptance(3), 4)) / 2)
+    ctrl.release(1)
+    assert ctrl.sequence_acceptance(1) == pytest.approx(ctrl.acceptance)
+
+
+def test_a_new_request_does_not_inherit_its_predecessors_acceptance():
+    # Batch 1: a request the draft predicts perfectly, then one it never predicts (a server that
+    # was in a repetition loop and gets a fresh text).
+    ctrl = SpecController(max_k=4)
+    chosen = drive(ctrl, 1, 1.0, CHEAP, 60, first_id=0)
+    assert chosen[-1][0] > 0
+    ctrl.release(0)
+    chosen = drive(ctrl, 1, 0.0, CHEAP, 40, first_id=1)
+    speculating = [i for i, (k, n) in enumerate(chosen) if k and n]
+    # Its own rejections outweigh the prior of pooled acceptance ~1 within a few steps (the pooled
+    # rate alone, whose memory spans tens of steps, would keep it speculating for much longer).
+    assert speculating and speculating[-1] < 5, chosen
+
+
+def test_shadow_acceptance_brings_a_free_proposer_back_before_its_backoff_ends():
+    # n-gram lookup at batch 4: nothing repeats at first (the probe loses), then the text repeats.
+    alpha = lambda step: 0.0 if step < 30 else 0.9  # noqa: E731
+    costs = {0: 1.0, 1: 1.05, 2: 1.1, 4: 1.15}
+    runs = {}
+    for shadow in (False, True):
+        ctrl = SpecController(max_k=4, free_proposals=True)
+        runs[shadow] = drive(ctrl, 4, alpha, costs, 70, shadow=shadow)
+        assert runs[shadow][WARMUP_STEPS] == (4, 4) and (0, 0) in runs[shadow][WARMUP_STEPS + 1 : 30]
+    first_back = [min(i for i in range(30, 70) if runs[s][i] == (4, 4)) if any(
+        runs[s][i] == (4, 4) for i in range(30, 70)) else None for s in (False, True)]
+    assert first_back[0] is None or first_back[0] >= WARMUP_STEPS + FIRST_REPROBE - 1  # waits out its backoff
+    assert first_back[1] is not None and first_back[1] < 45, runs[True][30:]  # shadow: back within steps
+    assert runs[True][-1] == (4, 4)

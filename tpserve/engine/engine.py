@@ -186,8 +186,11 @@ class LLMEngine:
             if self.spec is not None:
                 self.spec.account(seq, len(proposal.tokens) if proposal else 0, num_accepted, len(tokens))
             outputs.append(self._append_tokens(seq, tokens, lps, now))
-            if proposal is not None and not seq.is_finished:
-                self._roll_back(seq)
+            if self.spec is not None and not seq.is_finished:
+                if proposal is not None:
+                    self._roll_back(seq)
+                elif item.num_new_tokens == 1:
+                    self.spec.observe(seq, len(tokens))
         if self.spec is not None and all(s.num_new_tokens == 1 for s in sched.scheduled):
             # Decode-only steps measure what each k is worth on this machine, whole step included.
             self.spec.record_step(len(sched.scheduled), k, len(proposals), emitted, time.perf_counter() - started)
@@ -198,7 +201,7 @@ class LLMEngine:
         if self.spec is None:
             return 0, None
         decoding = [s.seq_id for s in self.scheduler.running if s.num_computed_tokens == s.num_tokens - 1]
-        k, count = self.spec.plan_k(len(decoding))
+        k, count = self.spec.plan_k(decoding)
         return k, None if count >= len(decoding) else set(decoding[:count])
 
     def _lookahead(self, k: int, speculating: set[int] | None):

@@ -10,12 +10,16 @@ that converge at different speeds:
   of the whole engine step's seconds (draft passes, verification and sampling included) when the
   whole batch speculates with k. Step times vary little from step to step.
 - the *yield*: tokens per sequence-step are very noisy (a step emits anything from 1 to k + 1), so
-  they are not averaged per k. Instead one acceptance rate alpha is estimated from every
-  verification of the last ACCEPTANCE_MEMORY or so steps (a geometric model: each proposal is
-  accepted with probability alpha, a shortfall of proposals counts as a rejection), and a
-  sequence speculating with k emits on average E_k = 1 + alpha + ... + alpha^k tokens.
+  they are not averaged per k. Instead each sequence has an acceptance rate alpha_i (a geometric
+  model: each proposal is accepted with probability alpha_i, a shortfall of proposals counts as a
+  rejection), estimated from its own last SEQ_MEMORY or so verifications and shrunk towards a
+  pooled rate (every sequence's verifications of the last POOL_MEMORY or so steps) by PRIOR_TRIALS
+  pseudo-verifications. A new request therefore starts from what requests typically achieve, not
+  from what the request before it happened to achieve, and its own text takes over within a few
+  steps. A sequence speculating with k emits on average E_k(alpha_i) = 1 + alpha_i + ... + alpha_i^k
+  tokens; the batch yields the sum over its sequences.
 
-The predicted throughput of k is batch * E_k / cost_k; the smallest k predicted within
+The predicted throughput of k is sum_i E_k(alpha_i) / cost_k; the smallest k predicted within
 PREFER_SMALLER of the best is chosen (a larger k is more sensitive to an error in alpha, and k = 0
 risks nothing, so speculation must be predicted to win by that margin).
 
@@ -33,8 +37,13 @@ least PROBE_STEPS steps and PROBE_SEQ_STEPS speculating sequence-steps, unless i
 beats k = 0 by the same margin does the bucket switch on: it measures each candidate's cost, then
 runs the chosen k, re-measuring the cost of k = 0 every REMEASURE_EVERY steps, and switches off
 when k = 0 is chosen. A lost probe is repeated after an interval that doubles each time (64, 128,
-... 1024 steps), so probing a bucket where speculation never pays costs ever less. Pinned
-(`adaptive=False`) it always returns max_k.
+... 1024 steps), so probing a bucket where speculation never pays costs ever less.
+
+Free proposals can also be checked while off: the engine feeds `record_verification` with *shadow*
+verifications (the lookup made as if speculating, compared with the tokens the target then
+emitted, which is exactly what speculation would have accepted). When those predict that the last
+probe's measured cost would now be repaid by the margin, the bucket probes again at once instead of
+waiting out its backoff. Pinned (`adaptive=False`) it always returns max_k.
 """
 
 from __future__ import annotations
@@ -50,7 +59,9 @@ FIRST_REPROBE = 64  # steps from a lost probe to the next; doubles after each lo
 MAX_REPROBE = 1024
 REMEASURE_EVERY = 32  # while on: one k = 0 step this often keeps its cost current
 PREFER_SMALLER = 0.05  # a larger k must be predicted this much faster to be chosen over a smaller
-ACCEPTANCE_MEMORY = 16  # steps: the acceptance counts decay by 1 - 1/ACCEPTANCE_MEMORY per step
+SEQ_MEMORY = 16  # a sequence's own counts decay by 1 - 1/SEQ_MEMORY per verification of it
+POOL_MEMORY = 64  # steps: the pooled counts (every sequence's) decay by 1 - 1/POOL_MEMORY per step
+PRIOR_TRIALS = 2.0  # pseudo-verifications at the pooled rate that a sequence's estimate starts from
 
 
 @dataclass
@@ -80,11 +91,29 @@ class _Bucket:
     next_probe: int = WARMUP_STEPS  # step at which the next probe starts (while off)
     interval: int = FIRST_REPROBE
     skip_next: bool = False  # the next full-batch speculative step pays catch-up: don't measure it
+    probe_cost_ratio: float | None = None  # the last probe's whole-batch step cost over k = 0's
+    probe_ended: int = 0  # step at which the last probe ended
     steps: int = 0
     streak: int = 0  # consecutive steps at this bucket
 
     def cost(self, k: int) -> _Cost:
         return self.costs.setdefault(k, _Cost())
+
+
+@dataclass
+class _Counts:
+    """Decayed counts of accepted proposals and of trials (accepted + verifications ended early)."""
+
+    accepted: float = 0.0
+    trials: float = 0.0
+
+    def decay(self, keep: float) -> None:
+        self.accepted *= keep
+        self.trials *= keep
+
+    def add(self, num_accepted: int, ended: bool) -> None:
+        self.accepted += num_accepted
+        self.trials += num_accepted + (1 if ended else 0)
 
 
 def expected_tokens(alpha: float, k: int) -> float:
@@ -100,20 +129,32 @@ class SpecController:
         self.adaptive = adaptive
         self.smoothing = smoothing
         self.candidates = sorted({0, 1, max(1, max_k // 2), max_k})
+        self.free_proposals = free_proposals
         self.probe_k = max_k if free_proposals else min(1, max_k)
         self.probe_seqs = None if free_proposals else PROBE_SEQS  # None: the whole batch
         self.probe_catch_up = not free_proposals  # a draft's first probe step catches up
         self.buckets: dict[int, _Bucket] = {}
         self._last_bucket: _Bucket | None = None
-        # Decayed counts of accepted proposals and of verifications that ended early.
-        self._accepted = 0.0
-        self._ended = 0.0
+        self._pool = _Counts()
+        self._seqs: dict[int, _Counts] = {}
+        self._batch: list[int] = []  # the decoding sequences of the step being planned
 
     @property
     def acceptance(self) -> float:
-        """Estimated probability that a proposal is accepted (given the ones before it were)."""
-        total = self._accepted + self._ended
-        return self._accepted / total if total else 0.0
+        """Pooled estimate of the probability that a proposal is accepted (given the ones before it
+        were): the prior of a sequence that has no verifications of its own yet."""
+        return self._pool.accepted / self._pool.trials if self._pool.trials else 0.0
+
+    def sequence_acceptance(self, seq_id: int) -> float:
+        """This sequence's estimate: its own counts plus PRIOR_TRIALS trials at the pooled rate."""
+        own = self._seqs.get(seq_id) or _Counts()
+        return (own.accepted + PRIOR_TRIALS * self.acceptance) / (own.trials + PRIOR_TRIALS)
+
+    def batch_expected_tokens(self, k: int) -> float:
+        """Mean over the batch being planned of the tokens a sequence emits speculating with k."""
+        if not self._batch:
+            return expected_tokens(self.acceptance, k)
+        return sum(expected_tokens(self.sequence_acceptance(s), k) for s in self._batch) / len(self._batch)
 
     @staticmethod
     def bucket_of(batch_size: int) -> int:
@@ -124,7 +165,7 @@ class SpecController:
 
     def predicted_rate(self, b: _Bucket, k: int) -> float:
         """Predicted tokens per second per sequence of speculating with k (0: not at all)."""
-        return expected_tokens(self.acceptance, k) / b.cost(k).seconds
+        return self.batch_expected_tokens(k) / b.cost(k).seconds
 
     def _best_k(self, b: _Bucket) -> int:
         """The smallest k predicted within PREFER_SMALLER of the best: a larger k is more sensitive
@@ -133,13 +174,14 @@ class SpecController:
         best = max(rates.values())
         return min(k for k, r in rates.items() if r >= (1 - PREFER_SMALLER) * best)
 
-    def choose_k(self, batch_size: int) -> tuple[int, int]:
-        """-> (k, how many of the batch's sequences speculate this step)."""
+    def choose_k(self, seq_ids: list[int]) -> tuple[int, int]:
+        """seq_ids: this step's decoding sequences -> (k, how many of them, from the front of the
+        list, speculate this step)."""
+        batch_size = len(seq_ids)
         if not self.adaptive or batch_size == 0:
             return self.max_k, batch_size
-        keep = 1 - 1 / ACCEPTANCE_MEMORY  # acceptance drifts with the text: forget per step
-        self._accepted *= keep
-        self._ended *= keep
+        self._batch = list(seq_ids)
+        self._pool.decay(1 - 1 / POOL_MEMORY)  # acceptance drifts with the text: forget per step
         b = self._bucket(batch_size)
         b.steps += 1
         b.streak = b.streak + 1 if b is self._last_bucket else 1
@@ -154,11 +196,18 @@ class SpecController:
             if k == 0:  # no k is predicted to beat k = 0 any more: off, and probe again later
                 self._switch_off(b)
             return k, (batch_size if k else 0)
-        if b.probe is None and b.steps >= b.next_probe and b.streak > WARMUP_STEPS:
+        if b.probe is None and b.streak > WARMUP_STEPS and (b.steps >= b.next_probe or self._shadow_says_probe(b)):
             b.probe = _Probe(caught_up=not self.probe_catch_up)
         if b.probe is not None:
             return self.probe_k, min(self.probe_seqs or batch_size, batch_size)
         return 0, 0
+
+    def _shadow_says_probe(self, b: _Bucket) -> bool:
+        """Free proposals, off and backing off: do the shadow verifications since predict that the
+        last probe's cost would now be repaid by the margin?"""
+        if not self.free_proposals or b.probe_cost_ratio is None or b.steps - b.probe_ended < WARMUP_STEPS:
+            return False
+        return self.batch_expected_tokens(self.probe_k) > b.probe_cost_ratio / (1 - PREFER_SMALLER)
 
     def record_step(self, batch_size: int, k: int, num_spec: int, tokens: int, seconds: float) -> None:
         """A decode-only step: `batch_size` sequences, `num_spec` of them with k proposals, emitted
@@ -199,6 +248,8 @@ class SpecController:
         if (p.measured < PROBE_STEPS or p.seq_steps < PROBE_SEQ_STEPS) and not clearly_losing:
             return
         b.probe = None
+        b.probe_cost_ratio = whole_seconds / plain_seconds
+        b.probe_ended = b.steps
         if whole > base / (1 - PREFER_SMALLER):
             b.on = True
             b.interval = FIRST_REPROBE
@@ -213,9 +264,18 @@ class SpecController:
         b.next_probe = b.steps + b.interval
         b.interval = min(2 * b.interval, MAX_REPROBE)
 
-    def record_verification(self, num_accepted: int, num_requested: int) -> None:
-        """One sequence's verification: `num_accepted` of the `num_requested` proposals it asked for
-        were accepted (a proposer that found fewer counts as rejected at the first missing one)."""
-        if num_requested > 0:
-            self._accepted += num_accepted
-            self._ended += 1 if num_accepted < num_requested else 0
+    def record_verification(self, seq_id: int, num_accepted: int, num_requested: int) -> None:
+        """One verification of sequence `seq_id` (real, or a shadow one of free proposals):
+        `num_accepted` of the `num_requested` proposals it asked for were accepted (a proposer that
+        found fewer counts as rejected at the first missing one)."""
+        if num_requested <= 0:
+            return
+        ended = num_accepted < num_requested
+        own = self._seqs.setdefault(seq_id, _Counts())
+        own.decay(1 - 1 / SEQ_MEMORY)
+        own.add(num_accepted, ended)
+        self._pool.add(num_accepted, ended)
+
+    def release(self, seq_id: int) -> None:
+        """The sequence finished: forget its own counts (the pooled ones keep its verifications)."""
+        self._seqs.pop(seq_id, None)

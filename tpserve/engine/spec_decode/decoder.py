@@ -4,7 +4,9 @@ The engine asks `plan_k` for this step's k, lets the scheduler reserve k lookahe
 decoding sequence, calls `propose` for those sequences, appends the proposals to their SeqWork
 (the target then computes logits at all k + 1 positions in the same forward as everything else),
 and finally `verify`s each sequence's rows. Rolled-back positions need no cleanup in either KV
-cache: they lie past num_computed_tokens and are overwritten before they are ever read.
+cache: they lie past num_computed_tokens and are overwritten before they are ever read. Decoding
+sequences that did not speculate are `observe`d: with free proposals (n-gram lookup) and an
+adaptive controller, their shadow verifications keep the acceptance estimate current while off.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from tpserve.engine.sequence import Sequence
 from tpserve.engine.spec_decode.controller import SpecController
 from tpserve.engine.spec_decode.proposers import Proposal, with_history
 from tpserve.engine.spec_decode.rejection import verify_greedy, verify_sampled
+from tpserve.engine.spec_decode.shadow import ShadowVerifier
 
 
 @dataclass
@@ -47,10 +50,18 @@ class SpecDecoder:
         self.max_model_len = max_model_len
         self.totals = SpecTotals()
         self.per_seq: dict[int, SpecTotals] = {}
+        self.shadow = (ShadowVerifier(proposer.indexed_lookup, controller.max_k, controller.record_verification)
+                       if proposer.free_proposals and controller.adaptive else None)
 
-    def plan_k(self, num_decoding: int) -> tuple[int, int]:
-        """-> (k, number of decoding sequences that speculate this step)."""
-        return self.controller.choose_k(num_decoding)
+    def plan_k(self, decoding: list[int]) -> tuple[int, int]:
+        """decoding: ids of the decoding sequences -> (k, how many of them, from the front of the
+        list, speculate this step)."""
+        return self.controller.choose_k(decoding)
+
+    def observe(self, seq: Sequence, num_new: int) -> None:
+        """A decoding sequence emitted `num_new` tokens without speculating."""
+        if self.shadow is not None:
+            self.shadow.observe(seq, num_new)
 
     def cap(self, seq: Sequence, k: int) -> int:
         """Never propose past max_tokens or the max model length."""
@@ -82,7 +93,9 @@ class SpecDecoder:
                     draft_probs = torch.zeros(len(props), rows.shape[-1], device=rows.device)
                     draft_probs[torch.arange(len(props)), torch.tensor(props, dtype=torch.long)] = 1.0
                 tokens = verify_sampled(mine.softmax(dim=-1), draft_probs, props, generator)
-            self.controller.record_verification(len(tokens) - 1, proposal.requested)
+            if self.shadow is not None:
+                self.shadow.forget(seq.seq_id)
+            self.controller.record_verification(seq.seq_id, len(tokens) - 1, proposal.requested)
             out.append(tokens)
         return out
 
@@ -96,5 +109,8 @@ class SpecDecoder:
 
     def finish(self, seq: Sequence) -> dict | None:
         self.proposer.release(seq.seq_id)
+        self.controller.release(seq.seq_id)
+        if self.shadow is not None:
+            self.shadow.forget(seq.seq_id)
         totals = self.per_seq.pop(seq.seq_id, None)
         return totals.as_dict() if totals else None

@@ -125,24 +125,27 @@ class NgramProposer:
                         return follow
         return []
 
-    def _indexed_lookup(self, seq_id: int, tokens: list[int], k: int) -> list[int]:
+    def indexed_lookup(self, seq_id: int, tokens: list[int], k: int, end: int | None = None) -> list[int]:
+        """`lookup(tokens[:end], k)` through the sequence's index, which is extended by the tokens
+        before `end` (default: all) that it has not seen yet."""
+        end = len(tokens) if end is None else end
         done, grams = self._index.get(seq_id, (0, {}))
-        if done > len(tokens):  # never expected (tokens only grow), but never trust a stale index
+        if done > end:  # never expected (tokens only grow), but never trust a stale index
             done, grams = 0, {}
         # An n-gram starting at s is indexed once its following token (at s + n) exists.
         for n in range(self.min_ngram, self.max_ngram + 1):
             table = grams.setdefault(n, {})
-            for start in range(max(0, done - n), len(tokens) - n):
+            for start in range(max(0, done - n), end - n):
                 table[tuple(tokens[start : start + n])] = start
-        self._index[seq_id] = (len(tokens), grams)
-        for n in range(min(self.max_ngram, len(tokens) - 1), self.min_ngram - 1, -1):
-            start = grams[n].get(tuple(tokens[-n:]))
+        self._index[seq_id] = (end, grams)
+        for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
+            start = grams[n].get(tuple(tokens[end - n : end]))
             if start is not None:
-                return tokens[start + n : start + n + k]
+                return tokens[start + n : min(start + n + k, end)]
         return []
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
-        return [Proposal(self._indexed_lookup(seq.seq_id, seq.token_ids, k) if k > 0 else [], requested=k)
+        return [Proposal(self.indexed_lookup(seq.seq_id, seq.token_ids, k) if k > 0 else [], requested=k)
                 for seq, k in zip(seqs, ks)]
 
     def on_verified(self, seq: Sequence) -> None:
