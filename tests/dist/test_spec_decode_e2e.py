@@ -34,9 +34,14 @@ def _rank(model_dir, draft_dir, method, num_blocks, prompts, policy):
     results = engine.generate(prompts[:half], params) + engine.generate(prompts[half:], params)
     engine.block_manager.check_invariants([])
     stats = engine.stats()
+    spec = engine.spec
+    # Per-sequence speculation state must go with the sequences.
+    leftover = (len(spec.controller._seqs) + len(spec.per_seq) + len(spec.shadow._pending if spec.shadow else {})
+                if spec is not None else 0)
     engine.shutdown()
     return {"tokens": [r.token_ids for r in results], "cached": sum(r.num_cached_tokens for r in results),
-            "preemptions": preemptions[0], "spec": stats["speculation"], "in_use": stats["kv_blocks_in_use"]}
+            "preemptions": preemptions[0], "spec": stats["speculation"], "in_use": stats["kv_blocks_in_use"],
+            "leftover": leftover, "pooled_trials": spec.controller._pool.trials if spec is not None else 0}
 
 
 @pytest.fixture(scope="module")
@@ -58,11 +63,16 @@ def test_greedy_speculation_is_lossless(setup, tp_size):
     target, other, prompts = setup
     base = run_ranks(tp_size, _rank, target, None, "none", 40, prompts, "fixed")
     assert base["preemptions"] > 0, "the KV budget should force preemption"
-    for method, draft, policy in [("draft", other, "fixed"), ("draft", target, "adaptive"), ("ngram", None, "fixed")]:
+    configs = [("draft", other, "fixed"), ("draft", target, "adaptive"), ("ngram", None, "fixed"),
+               ("ngram", None, "adaptive")]
+    for method, draft, policy in configs:
         out = run_ranks(tp_size, _rank, target, draft, method, 40, prompts, policy)
         assert out["tokens"] == base["tokens"], f"{method} draft={draft} policy={policy} tp={tp_size}"
-        assert out["cached"] > 0 and out["in_use"] == 0
-        assert out["spec"]["num_proposed_tokens"] > 0
+        assert out["cached"] > 0 and out["in_use"] == 0 and out["leftover"] == 0
+        if method == "ngram" and policy == "adaptive":
+            assert out["pooled_trials"] > 0, "shadow verifications should feed the acceptance estimate"
+        else:
+            assert out["spec"]["num_proposed_tokens"] > 0
         if draft == target:
             assert out["spec"]["acceptance_rate"] >= 0.98, out["spec"]
         print(f"\ntp={tp_size} {method} {policy}: {out['spec']}, preemptions {out['preemptions']}")
