@@ -1,15 +1,18 @@
 """Speculative decoding on the bundled target/draft pair (or given ones).
 
-For each batch size, runs the same seeded greedy requests without speculation and with every
-speculation config (method x policy x k; adaptive uses k as its largest k), `--repeats` times in
-interleaved order, each run on a freshly built engine. Policies: `fixed`; `adaptive`, a fresh
-controller, so its probing is paid inside the measured run; `adaptive-warm`, measured after an
-untimed run of other prompts of the same shape, the steady state of a server that has been
-serving this load (compared with no speculation after the same warm-up run). Reports the median
-output tokens/s, the median and the smallest of the per-repeat ratios to no speculation (wall
-clock), the ratio of target forwards, tokens per target forward, acceptance, and whether every
-output equals the non-speculative output. An `off control` row repeats the no-speculation config
-as if it were another one: its ratios show how far this machine's noise alone moves a ratio.
+Every speculation config (method x policy x k; adaptive uses k as its largest k) is measured
+*paired* with no speculation: two freshly built engines in one process, the speculating one and a
+plain one, that share one copy of the target's weights and serve the same seeded greedy requests,
+taking turns one engine step at a time (which goes first alternates). Each engine's time is the
+sum of its own steps, so a burst of load from elsewhere on the machine lands on both and cancels
+in their ratio; a config's ratio is the median over `--repeats` pairs (and the smallest is shown).
+
+Policies: `fixed`; `adaptive`, a fresh controller, so its probing is paid inside the measured run;
+`adaptive-warm`, measured after both engines served an untimed run of other prompts of the same
+shape (the steady state of a server that has been serving this load). An `off control` pair (two
+plain engines) shows how far the residual noise moves a ratio. Also reported: target forwards and
+their ratio, tokens per target forward, acceptance, and whether every output equals the plain
+engine's.
 
     python benchmarks/spec_decode.py [--batch-sizes 1 4 16 64] [--ks 2 4 6] [--methods draft ngram]
                                      [--policies fixed adaptive adaptive-warm] [--repeats 3]
@@ -53,31 +56,57 @@ def _spec_counts(engine) -> tuple[int, int, float]:
     return spec.get("num_proposed_tokens", 0), accepted, accepted / mean if mean else 0.0
 
 
-def run(engine_args, prompts, output_len, warm_prompts=None):
-    """Time one generate over `prompts` on a fresh engine. Before it, a tiny warm-up request, or
-    with `warm_prompts` a whole untimed run of the same shape (the steady state of a server that
-    has been serving this load: an adaptive controller has already learned this batch size)."""
+def step_together(engines, prompts, params) -> list[dict]:
+    """Serve `prompts` on every engine, one step of each in turn (the first alternates): per engine,
+    the seconds of its own steps, its steps and its outputs in prompt order."""
+    runs = []
+    for i, engine in enumerate(engines):
+        ids = [f"b{engine.num_steps}-{i}-{j}" for j in range(len(prompts))]
+        for rid, prompt in zip(ids, prompts):
+            engine.add_request(rid, prompt_token_ids=prompt, params=params)
+        runs.append({"engine": engine, "ids": ids, "tokens": {rid: [] for rid in ids}, "seconds": 0.0,
+                     "steps0": engine.num_steps})
+    turn = 0
+    while any(r["engine"].has_unfinished_requests() for r in runs):
+        order = runs if turn % 2 == 0 else runs[::-1]
+        turn += 1
+        for r in order:
+            if not r["engine"].has_unfinished_requests():
+                continue
+            t0 = time.perf_counter()
+            outs = r["engine"].step()
+            r["seconds"] += time.perf_counter() - t0
+            for out in outs:
+                r["tokens"][out.request_id] += out.new_token_ids
+    return [{"seconds": r["seconds"], "steps": r["engine"].num_steps - r["steps0"],
+             "outputs": [r["tokens"][rid] for rid in r["ids"]]} for r in runs]
+
+
+def run_pair(spec_args, plain_args, prompts, output_len, warm_prompts=None):
+    """One paired measurement of a config against no speculation (see the module docstring)."""
     from tpserve.distributed import TPGroup
     from tpserve.engine.sampling_params import SamplingParams
     from tpserve.engine.setup import build_runtime
 
-    _, engine = build_runtime(engine_args, TPGroup())
+    _, spec = build_runtime(spec_args, TPGroup())
+    _, plain = build_runtime(plain_args, TPGroup())
+    # One copy of the target's weights (the KV caches stay separate): the two engines read the
+    # same memory, so neither is favoured by what the other left in the CPU caches.
+    plain.driver.runner.model = spec.driver.runner.model
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    engine.generate(prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))
+    step_together([spec, plain], prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))
     if warm_prompts is not None:
-        engine.generate(warm_prompts, params)
-    steps0, counts0 = engine.num_steps, _spec_counts(engine)
-    t0 = time.perf_counter()
-    results = engine.generate(prompts, params)
-    elapsed = time.perf_counter() - t0
-    tokens = sum(len(r.token_ids) for r in results)
-    proposed, accepted, spec_steps = (b - a for a, b in zip(counts0, _spec_counts(engine)))
-    forwards = engine.num_steps - steps0
-    return {"tok_per_s": tokens / elapsed, "target_forwards": forwards,
-            "tokens_per_forward": tokens / len(prompts) / max(1, forwards),
+        step_together([spec, plain], warm_prompts, params)
+    counts0 = _spec_counts(spec)
+    mine, theirs = step_together([spec, plain], prompts, params)
+    proposed, accepted, spec_steps = (b - a for a, b in zip(counts0, _spec_counts(spec)))
+    tokens = sum(len(o) for o in mine["outputs"])
+    return {"tok_per_s": tokens / mine["seconds"], "ratio": theirs["seconds"] / mine["seconds"],
+            "target_forwards": mine["steps"], "plain_forwards": theirs["steps"],
+            "tokens_per_forward": tokens / len(prompts) / max(1, mine["steps"]),
             "acceptance": accepted / proposed if proposed else None,
             "mean_accepted": accepted / spec_steps if spec_steps else None,
-            "outputs": [r.token_ids for r in results]}
+            "lossless": mine["outputs"] == theirs["outputs"]}
 
 
 def main() -> None:
@@ -108,14 +137,12 @@ def main() -> None:
     tokenizer = load_tokenizer(model)
     prompts_all = heldout_prompts(model, tokenizer, max(args.batch_sizes), args.prompt_len, args.seed)
     warm_all = heldout_prompts(model, tokenizer, max(args.batch_sizes), args.prompt_len, args.seed + 1)
-    configs = [("off", "-", 0)] + [(m, pol, k) for m in args.methods for pol in args.policies for k in args.ks]
-    # A second, identical no-speculation config: its ratio to the first shows this machine's noise.
-    configs.insert(1, ("off", "control", 0))
-    if "adaptive-warm" in args.policies:
-        configs.insert(1, ("off", "warm", 0))  # the baseline of the warm rows: same warm-up, no speculation
+    # The control pairs two plain engines: its ratio shows the noise left after pairing.
+    configs = [("off", "control", 0)] + [(m, pol, k) for m in args.methods for pol in args.policies for k in args.ks]
     rows = []
     for bs in args.batch_sizes:
         prompts = prompts_all[:bs]
+        plain_args = EngineArgs(model=model, dtype=args.dtype, max_num_seqs=max(bs, 1))
         runs: dict[tuple, list[dict]] = {c: [] for c in configs}
         for _ in range(args.repeats):
             for method, policy, k in configs:
@@ -124,22 +151,21 @@ def main() -> None:
                     num_speculative_tokens=k, spec_policy=policy.removesuffix("-warm"))
                 warm = warm_all[:bs] if "warm" in policy else None
                 runs[(method, policy, k)].append(
-                    run(EngineArgs(model=model, dtype=args.dtype, max_num_seqs=max(bs, 1), **extra), prompts,
-                        args.output_len, warm))
+                    run_pair(EngineArgs(model=model, dtype=args.dtype, max_num_seqs=max(bs, 1), **extra),
+                             plain_args, prompts, args.output_len, warm))
         for method, policy, k in configs:
             rs = runs[(method, policy, k)]
-            base = runs[("off", "warm", 0)] if "warm" in policy else runs[("off", "-", 0)]
             rows.append({
                 "batch": bs, "method": method, "policy": policy, "k": k,
                 "tok_per_s": statistics.median(r["tok_per_s"] for r in rs),
-                "speedup": statistics.median(r["tok_per_s"] / b["tok_per_s"] for r, b in zip(rs, base)),
-                "speedup_min": min(r["tok_per_s"] / b["tok_per_s"] for r, b in zip(rs, base)),
+                "speedup": statistics.median(r["ratio"] for r in rs),
+                "speedup_min": min(r["ratio"] for r in rs),
                 "target_forwards": rs[0]["target_forwards"],
-                "forward_ratio": base[0]["target_forwards"] / rs[0]["target_forwards"],
+                "forward_ratio": rs[0]["plain_forwards"] / rs[0]["target_forwards"],
                 "warm_up": "same-shape run" if "warm" in policy else "1 request",
                 "tokens_per_forward": rs[0]["tokens_per_forward"], "acceptance": rs[0]["acceptance"],
                 "mean_accepted": rs[0]["mean_accepted"],
-                "lossless": all(r["outputs"] == base[0]["outputs"] for r in rs),
+                "lossless": all(r["lossless"] for r in rs),
             })
             print(f"batch {bs} {method} {policy} k={k}: {rows[-1]['tok_per_s']:.1f} tok/s, "
                   f"x{rows[-1]['speedup']:.2f} (min x{rows[-1]['speedup_min']:.2f})", flush=True)
@@ -147,7 +173,8 @@ def main() -> None:
     print_table(rows, ["batch", "method", "policy", "k", "tok_per_s", "speedup", "speedup_min", "target_forwards",
                        "forward_ratio", "tokens_per_forward", "acceptance", "mean_accepted", "lossless"])
     write_json(args.output, {"model": model, "draft": draft, "prompt_len": args.prompt_len,
-                             "output_len": args.output_len, "repeats": args.repeats, "rows": rows,
+                             "output_len": args.output_len, "repeats": args.repeats, "method": "paired",
+                             "rows": rows,
                              "machine": machine_info()})
 
 

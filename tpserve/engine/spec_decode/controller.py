@@ -33,10 +33,10 @@ errs towards not speculating), what the whole batch would yield. A proposer whos
 nothing to make (n-gram lookup) is probed at its largest k on the whole batch: only verification
 rows are paid for, and measuring the whole batch needs no extrapolation. A probe measures at
 least PROBE_STEPS steps and PROBE_SEQ_STEPS speculating sequence-steps, unless its cost alone
-(which varies little) shows it losing even if every proposal were accepted. Only if the probe
-beats k = 0 by the same margin does the bucket switch on: it measures each candidate's cost, then
-runs the chosen k, re-measuring the cost of k = 0 every REMEASURE_EVERY steps, and switches off
-when k = 0 is chosen. A lost probe is repeated after an interval that doubles each time (64, 128,
+(which varies little) shows that even if every proposal were accepted it would not beat k = 0 by
+PREFER_SMALLER. Only if the probe does beat k = 0 by that margin does the bucket switch on: it
+measures each candidate's cost, then runs the chosen k, re-measuring the cost of k = 0 every
+REMEASURE_EVERY steps, and switches off when k = 0 is chosen. A lost probe is repeated after an interval that doubles each time (64, 128,
 ... 1024 steps), so probing a bucket where speculation never pays costs ever less.
 
 Free proposals can also be checked while off: the engine feeds `record_verification` with *shadow*
@@ -243,8 +243,9 @@ class SpecController:
         whole_seconds = max(plain_seconds + batch_size * per_seq_seconds, 1e-9)
         whole = batch_size * (1 + per_seq_tokens) / whole_seconds
         base = batch_size / plain_seconds
-        # Clearly losing: even if every proposal were accepted the whole batch would be slower.
-        clearly_losing = batch_size * (1 + self.probe_k) / whole_seconds < base
+        # Clearly losing: even if every proposal were accepted the whole batch would not beat k = 0
+        # by the margin that switching on requires.
+        clearly_losing = batch_size * (1 + self.probe_k) / whole_seconds < base / (1 - PREFER_SMALLER)
         if (p.measured < PROBE_STEPS or p.seq_steps < PROBE_SEQ_STEPS) and not clearly_losing:
             return
         b.probe = None
