@@ -11,8 +11,9 @@ Policies: `fixed`; `adaptive`, a fresh controller, so its probing is paid inside
 `adaptive-warm`, measured after both engines served an untimed run of other prompts of the same
 shape (the steady state of a server that has been serving this load). An `off control` pair (two
 plain engines) shows how far the residual noise moves a ratio. Also reported: target forwards and
-their ratio, tokens per target forward, acceptance, and whether every output equals the plain
-engine's.
+their ratio, tokens per target forward, acceptance, the adaptive controller's probes and the share
+of the run's time they cost beyond plain steps (catch-up included), and whether every output
+equals the plain engine's.
 
     python benchmarks/spec_decode.py [--batch-sizes 1 4 16 64] [--ks 2 4 6] [--methods draft ngram]
                                      [--policies fixed adaptive adaptive-warm] [--repeats 3]
@@ -98,7 +99,10 @@ def run_pair(spec_args, plain_args, prompts, output_len, warm_prompts=None):
     if warm_prompts is not None:
         step_together([spec, plain], warm_prompts, params)
     counts0 = _spec_counts(spec)
+    ctrl = spec.spec.controller if spec.spec is not None else None
+    probes0 = (ctrl.num_probes, ctrl.probe_seconds) if ctrl else (0, 0.0)
     mine, theirs = step_together([spec, plain], prompts, params)
+    probes, probe_seconds = ((ctrl.num_probes - probes0[0], ctrl.probe_seconds - probes0[1]) if ctrl else (0, 0.0))
     proposed, accepted, spec_steps = (b - a for a, b in zip(counts0, _spec_counts(spec)))
     tokens = sum(len(o) for o in mine["outputs"])
     return {"tok_per_s": tokens / mine["seconds"], "ratio": theirs["seconds"] / mine["seconds"],
@@ -106,6 +110,7 @@ def run_pair(spec_args, plain_args, prompts, output_len, warm_prompts=None):
             "tokens_per_forward": tokens / len(prompts) / max(1, mine["steps"]),
             "acceptance": accepted / proposed if proposed else None,
             "mean_accepted": accepted / spec_steps if spec_steps else None,
+            "probes": probes, "probe_share": probe_seconds / mine["seconds"],
             "lossless": mine["outputs"] == theirs["outputs"]}
 
 
@@ -165,13 +170,16 @@ def main() -> None:
                 "warm_up": "same-shape run" if "warm" in policy else "1 request",
                 "tokens_per_forward": rs[0]["tokens_per_forward"], "acceptance": rs[0]["acceptance"],
                 "mean_accepted": rs[0]["mean_accepted"],
+                "probes": statistics.median(r["probes"] for r in rs),
+                "probe_share": statistics.median(r["probe_share"] for r in rs),
                 "lossless": all(r["lossless"] for r in rs),
             })
             print(f"batch {bs} {method} {policy} k={k}: {rows[-1]['tok_per_s']:.1f} tok/s, "
                   f"x{rows[-1]['speedup']:.2f} (min x{rows[-1]['speedup_min']:.2f})", flush=True)
     print()
     print_table(rows, ["batch", "method", "policy", "k", "tok_per_s", "speedup", "speedup_min", "target_forwards",
-                       "forward_ratio", "tokens_per_forward", "acceptance", "mean_accepted", "lossless"])
+                       "forward_ratio", "tokens_per_forward", "acceptance", "mean_accepted", "probes", "probe_share",
+                       "lossless"])
     write_json(args.output, {"model": model, "draft": draft, "prompt_len": args.prompt_len,
                              "output_len": args.output_len, "repeats": args.repeats, "method": "paired",
                              "rows": rows,

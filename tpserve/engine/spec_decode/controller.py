@@ -36,8 +36,9 @@ least PROBE_STEPS steps and PROBE_SEQ_STEPS speculating sequence-steps, unless i
 (which varies little) shows that even if every proposal were accepted it would not beat k = 0 by
 PREFER_SMALLER. Only if the probe does beat k = 0 by that margin does the bucket switch on: it
 measures each candidate's cost, then runs the chosen k, re-measuring the cost of k = 0 every
-REMEASURE_EVERY steps, and switches off when k = 0 is chosen. A lost probe is repeated after an interval that doubles each time (64, 128,
-... 1024 steps), so probing a bucket where speculation never pays costs ever less.
+REMEASURE_EVERY steps, and switches off when k = 0 is chosen. A lost probe is repeated after an
+interval that doubles each time (64, 128, ... 1024 steps), so probing a bucket where speculation
+never pays costs ever less.
 
 Free proposals can also be checked while off: the engine feeds `record_verification` with *shadow*
 verifications (the lookup made as if speculating, compared with the tokens the target then
@@ -138,6 +139,8 @@ class SpecController:
         self._pool = _Counts()
         self._seqs: dict[int, _Counts] = {}
         self._batch: list[int] = []  # the decoding sequences of the step being planned
+        self.num_probes = 0
+        self.probe_seconds = 0.0  # what probe steps cost beyond k = 0's step cost, catch-up included
 
     @property
     def acceptance(self) -> float:
@@ -198,6 +201,7 @@ class SpecController:
             return k, (batch_size if k else 0)
         if b.probe is None and b.streak > WARMUP_STEPS and (b.steps >= b.next_probe or self._shadow_says_probe(b)):
             b.probe = _Probe(caught_up=not self.probe_catch_up)
+            self.num_probes += 1
         if b.probe is not None:
             return self.probe_k, min(self.probe_seqs or batch_size, batch_size)
         return 0, 0
@@ -218,6 +222,7 @@ class SpecController:
         if num_spec == 0 or k == 0:
             b.cost(0).add(seconds, self.smoothing)
         elif b.probe is not None and k == self.probe_k:
+            self.probe_seconds += seconds - b.cost(0).seconds
             self._record_probe(b, batch_size, num_spec, tokens, seconds)
         elif num_spec >= batch_size and b.on:
             if b.skip_next:
