@@ -3,9 +3,10 @@
 Every speculation config (method x policy x k; adaptive uses k as its largest k) is measured
 *paired* with no speculation: two freshly built engines in one process, the speculating one and a
 plain one, that share one copy of the target's weights and serve the same seeded greedy requests,
-taking turns one engine step at a time (which goes first alternates). Each engine's time is the
-sum of its own steps, so a burst of load from elsewhere on the machine lands on both and cancels
-in their ratio; a config's ratio is the median over `--repeats` pairs (and the smallest is shown).
+taking turns one engine step at a time (which goes first alternates, and so, over repeats, does
+which engine is built first and owns the weights). Each engine's time is the sum of its own
+steps, so a burst of load from elsewhere on the machine lands on both and cancels in their ratio;
+a config's ratio is the median over `--repeats` pairs (and the smallest is shown).
 
 Policies: `fixed`; `adaptive`, a fresh controller, so its probing is paid inside the measured run;
 `adaptive-warm`, measured after both engines served an untimed run of other prompts of the same
@@ -83,17 +84,24 @@ def step_together(engines, prompts, params) -> list[dict]:
              "outputs": [r["tokens"][rid] for rid in r["ids"]]} for r in runs]
 
 
-def run_pair(spec_args, plain_args, prompts, output_len, warm_prompts=None):
-    """One paired measurement of a config against no speculation (see the module docstring)."""
+def run_pair(spec_args, plain_args, prompts, output_len, warm_prompts=None, plain_first=False):
+    """One paired measurement of a config against no speculation (see the module docstring).
+    `plain_first`: the plain engine is built first and owns the weights (alternated over repeats,
+    so neither role's place in memory favours one side)."""
     from tpserve.distributed import TPGroup
     from tpserve.engine.sampling_params import SamplingParams
     from tpserve.engine.setup import build_runtime
 
-    _, spec = build_runtime(spec_args, TPGroup())
-    _, plain = build_runtime(plain_args, TPGroup())
+    if plain_first:
+        _, plain = build_runtime(plain_args, TPGroup())
+        _, spec = build_runtime(spec_args, TPGroup())
+    else:
+        _, spec = build_runtime(spec_args, TPGroup())
+        _, plain = build_runtime(plain_args, TPGroup())
     # One copy of the target's weights (the KV caches stay separate): the two engines read the
     # same memory, so neither is favoured by what the other left in the CPU caches.
-    plain.driver.runner.model = spec.driver.runner.model
+    owner, borrower = (plain, spec) if plain_first else (spec, plain)
+    borrower.driver.runner.model = owner.driver.runner.model
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
     step_together([spec, plain], prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))
     if warm_prompts is not None:
@@ -149,7 +157,7 @@ def main() -> None:
         prompts = prompts_all[:bs]
         plain_args = EngineArgs(model=model, dtype=args.dtype, max_num_seqs=max(bs, 1))
         runs: dict[tuple, list[dict]] = {c: [] for c in configs}
-        for _ in range(args.repeats):
+        for repeat in range(args.repeats):
             for method, policy, k in configs:
                 extra = {} if method == "off" else dict(
                     speculative_method=method, draft_model=draft if method == "draft" else None,
@@ -157,7 +165,7 @@ def main() -> None:
                 warm = warm_all[:bs] if "warm" in policy else None
                 runs[(method, policy, k)].append(
                     run_pair(EngineArgs(model=model, dtype=args.dtype, max_num_seqs=max(bs, 1), **extra),
-                             plain_args, prompts, args.output_len, warm))
+                             plain_args, prompts, args.output_len, warm, plain_first=repeat % 2 == 1))
         for method, policy, k in configs:
             rs = runs[(method, policy, k)]
             rows.append({

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from tpserve.engine.spec_decode.controller import (
-    FIRST_REPROBE, PROBE_SEQ_STEPS, PROBE_SEQS, PROBE_STEPS, REMEASURE_EVERY, WARMUP_STEPS, SpecController, expected_tokens,
+    COST_SAMPLES, FIRST_REPROBE, PROBE_SEQ_STEPS, PROBE_SEQS, PROBE_STEPS, REMEASURE_EVERY, WARMUP_STEPS, SpecController,
+    expected_tokens, fit_pass_cost,
 )
 
 
@@ -106,7 +107,7 @@ def test_free_proposals_are_probed_at_the_largest_k_on_the_whole_batch():
 def test_switches_off_when_acceptance_drops_and_back_on_when_it_recovers():
     ctrl = SpecController(max_k=4)
     alpha = lambda step: 0.05 if 40 <= step < 140 else 0.8  # noqa: E731
-    chosen = drive(ctrl, 8, alpha, CHEAP, 140 + 2 * FIRST_REPROBE)
+    chosen = drive(ctrl, 8, alpha, CHEAP, 140 + 2 * FIRST_REPROBE + PROBE_SEQ_STEPS // PROBE_SEQS + 8)
     assert (2, 8) in chosen[:40]
     # Within 40 steps of the drop (the acceptance estimate's memory) it is off: ten steps in a row
     # without speculation ...
@@ -178,3 +179,64 @@ def test_shadow_acceptance_brings_a_free_proposer_back_before_its_backoff_ends()
     assert first_back[0] is None or first_back[0] >= WARMUP_STEPS + FIRST_REPROBE - 1  # waits out its backoff
     assert first_back[1] is not None and first_back[1] < 45, runs[True][30:]  # shadow: back within steps
     assert runs[True][-1] == (4, 4)
+
+
+def drive_draft(ctrl, batch, alpha, steps, plain=1.0, fixed=0.3, per_token=0.002, per_row=0.005, context=100,
+                cliff=0.0, seed=0):
+    """A simulated machine with a draft model: each draft pass costs `fixed` + `per_token` * its
+    tokens (the first pass of a sequence's first speculating step catches up on `context` tokens,
+    later first passes on the tokens it emitted last step, passes after the first one token each);
+    the target pays `per_row` per verified proposal; a step with more than half the batch
+    speculating costs `cliff` more (a cost the probe cannot see). Reports the draft passes."""
+    rng = random.Random(seed)
+    chosen, pending = [], {i: context for i in range(batch)}  # tokens each sequence's draft has to catch up on
+    for _ in range(steps):
+        k, n = ctrl.choose_k(list(range(batch)))
+        chosen.append((k, n))
+        n = n if k else 0
+        tokens, passes = batch, []
+        for j in range(k if n else 0):
+            t = sum(pending[i] for i in range(n)) if j == 0 else n
+            passes.append((t, fixed + per_token * t))
+        for i in range(batch):
+            accepted = 0
+            if i < n:
+                while accepted < k and rng.random() < alpha:
+                    accepted += 1
+                ctrl.record_verification(i, accepted, k)
+            tokens += accepted
+            pending[i] = accepted + 1 if i < n else pending[i] + 1
+        secs = plain + sum(t for _, t in passes) + per_row * n * k + (cliff if 2 * n > batch else 0.0)
+        ctrl.record_step(batch, k, n, tokens, secs, passes)
+    return chosen
+
+
+def test_fit_pass_cost():
+    assert fit_pass_cost([(1, 0.3)] * 5) is None
+    a, b = fit_pass_cost([(100, 0.5), (1, 0.302), (2, 0.304), (1, 0.302)])
+    assert abs(a - 0.3) < 1e-9 and abs(b - 0.002) < 1e-9
+
+
+def test_a_draft_whose_passes_cost_little_per_token_is_extrapolated_from_one_sequence():
+    # Each pass costs mostly a fixed part: one probed sequence pays it alone, the whole batch shares
+    # it. Charging it per sequence would predict 16 * 1.8 tokens in 5.9 s (off wins); split by the fit
+    # of the catch-up pass against one-token passes it predicts 1.44 s (speculation wins by 25%).
+    ctrl = SpecController(max_k=4)
+    chosen = drive_draft(ctrl, 16, 0.8, 80)
+    assert chosen[WARMUP_STEPS] == (1, PROBE_SEQS)
+    assert chosen[-1][0] > 0 and chosen[-1][1] == 16, chosen
+
+
+def test_a_draft_whose_whole_batch_step_loses_stops_at_the_first_measured_step():
+    ctrl = SpecController(max_k=4)
+    chosen = drive_draft(ctrl, 64, 0.8, 30, per_token=0.05)  # a whole-batch pass costs ~5.8 plain steps
+    assert chosen[WARMUP_STEPS : WARMUP_STEPS + 3] == [(1, PROBE_SEQS)] * 2 + [(0, 0)], chosen
+    assert set(chosen[WARMUP_STEPS + 2 :]) == {(0, 0)}
+
+
+def test_on_and_k1_losing_even_at_full_acceptance_switches_off_without_trying_larger_k():
+    ctrl = SpecController(max_k=4)
+    chosen = drive_draft(ctrl, 16, 0.8, 80, cliff=3.0)  # the probe predicts a win; whole-batch steps pay 3 more
+    whole = [c for c in chosen if c[1] == 16]
+    # The switch-on step (catch-up, unmeasured) and COST_SAMPLES measured k = 1 steps, then off.
+    assert whole == [(1, 16)] * (1 + COST_SAMPLES), chosen

@@ -64,3 +64,17 @@ def test_forget_drops_a_pending_proposal():
     assert v._pending and not seen
     v.forget(7)
     assert not v._pending
+
+
+def test_follows_at_most_max_tracked_sequences_and_frees_a_place_on_forget():
+    seen = []
+    v = ShadowVerifier(NgramProposer().indexed_lookup, 2, lambda seq_id, *_: seen.append(seq_id), max_tracked=2)
+    seqs = [Sequence(i, str(i), [5, 6, 7], SamplingParams()) for i in range(4)]
+    for seq in seqs:
+        seq.token_ids.append(1)  # nothing to look up: each followed sequence records (0, 2) at once
+        v.observe(seq, 1)
+    assert seen == [0, 1]
+    v.forget(0)
+    seqs[3].token_ids.append(1)
+    v.observe(seqs[3], 1)
+    assert seen == [0, 1, 3]

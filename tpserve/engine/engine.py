@@ -7,6 +7,7 @@ blocks whose tokens became final to the prefix cache.
 
 from __future__ import annotations
 
+import heapq
 import itertools
 import time
 from dataclasses import dataclass, field
@@ -200,9 +201,12 @@ class LLMEngine:
         """This step's k and the ids of the decoding sequences that speculate (None: all)."""
         if self.spec is None:
             return 0, None
-        decoding = [s.seq_id for s in self.scheduler.running if s.num_computed_tokens == s.num_tokens - 1]
-        k, count = self.spec.plan_k(decoding)
-        return k, None if count >= len(decoding) else set(decoding[:count])
+        decoding = [s for s in self.scheduler.running if s.num_computed_tokens == s.num_tokens - 1]
+        k, count = self.spec.plan_k([s.seq_id for s in decoding])
+        if count >= len(decoding):
+            return k, None
+        # A subset (a probe) is the sequences cheapest for the proposer to catch up on.
+        return k, {s.seq_id for s in heapq.nsmallest(count, decoding, key=self.spec.proposer.pending_tokens)}
 
     def _lookahead(self, k: int, speculating: set[int] | None):
         """Lookahead per sequence: this step's k for the speculating sequences, except that seeded

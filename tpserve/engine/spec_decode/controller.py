@@ -25,18 +25,22 @@ risks nothing, so speculation must be predicted to win by that margin).
 
 A bucket starts at k = 0, the safe choice, and probes before it speculates on everyone, once the
 batch size has lasted WARMUP_STEPS steps (the batch sizes a load passes through while ramping up
-or down are never probed). A draft model is probed at k = 1 on PROBE_SEQS sequences (one draft
-pass per proposed token, and a catch-up over each new sequence's context; the first probe step,
-which pays the catch-up, is not measured): from the extra tokens and seconds those few add it
-extrapolates, linearly per sequence (which over-charges the draft's shared per-pass cost, so it
-errs towards not speculating), what the whole batch would yield. A proposer whose proposals cost
-nothing to make (n-gram lookup) is probed at its largest k on the whole batch: only verification
-rows are paid for, and measuring the whole batch needs no extrapolation. A probe measures at
+or down are never probed). A draft model is probed at k = 1 on PROBE_SEQS sequence (the one with
+the least context to catch up on: one draft pass per proposed token, and a catch-up over a new
+sequence's context; the first probe step, which pays the catch-up, is not measured) and the whole
+batch is extrapolated from it. The draft's passes are timed: a fit of their seconds against their
+tokens (the catch-up pass against the one-token passes) splits a pass into a fixed part, which the
+whole batch shares, and a part per token; the target's extra seconds per speculating sequence
+(verification rows) are taken as linear. Without pass timings every sequence is charged what the
+probed one added. A proposer whose proposals cost nothing to make (n-gram lookup) is probed at its
+largest k on the whole batch: only verification rows are paid for, and measuring the whole batch
+needs no extrapolation. A probe measures at
 least PROBE_STEPS steps and PROBE_SEQ_STEPS speculating sequence-steps, unless its cost alone
 (which varies little) shows that even if every proposal were accepted it would not beat k = 0 by
 PREFER_SMALLER. Only if the probe does beat k = 0 by that margin does the bucket switch on: it
-measures each candidate's cost, then runs the chosen k, re-measuring the cost of k = 0 every
-REMEASURE_EVERY steps, and switches off when k = 0 is chosen. A lost probe is repeated after an
+measures each candidate's cost (smallest first, and it switches off at once if even k = 1 at full
+acceptance would lose: a larger k only adds passes), then runs the chosen k, re-measuring the cost
+of k = 0 every REMEASURE_EVERY steps, and switches off when k = 0 is chosen. A lost probe is repeated after an
 interval that doubles each time (64, 128, ... 1024 steps), so probing a bucket where speculation
 never pays costs ever less.
 
@@ -54,7 +58,7 @@ from dataclasses import dataclass, field
 WARMUP_STEPS = 8  # consecutive k = 0 steps at a batch size before it is probed (skips transients)
 PROBE_STEPS = 4  # a probe measures at least this many steps ...
 PROBE_SEQ_STEPS = 16  # ... and this many speculating sequence-steps (acceptance is noisy)
-PROBE_SEQS = 2  # a draft's probe: few sequences, since each pays a catch-up over its context
+PROBE_SEQS = 1  # a draft's probe: one sequence, since each pays a catch-up over its context
 COST_SAMPLES = 2  # measured steps of each candidate before predictions use its cost
 FIRST_REPROBE = 64  # steps from a lost probe to the next; doubles after each lost probe
 MAX_REPROBE = 1024
@@ -82,6 +86,8 @@ class _Probe:
     extra_tokens: float = 0.0  # summed over measured steps, beyond one token per sequence
     extra_seconds: float = 0.0  # beyond what the step would have taken at k = 0
     seq_steps: int = 0  # speculating sequences summed over measured steps
+    draft_seconds: float = 0.0  # the draft passes' share of extra_seconds
+    passes: list = field(default_factory=list)  # (tokens, seconds) of every draft pass, catch-up included
 
 
 @dataclass
@@ -120,6 +126,19 @@ class _Counts:
 def expected_tokens(alpha: float, k: int) -> float:
     """Mean tokens one verification emits with k proposals each accepted with probability alpha."""
     return sum(alpha**i for i in range(k + 1))
+
+
+def fit_pass_cost(passes: list[tuple[int, float]]) -> tuple[float, float] | None:
+    """Least-squares seconds = a + b * tokens over draft passes; None without two token counts.
+    The catch-up pass (a whole context) and the one-token passes give it a long lever arm."""
+    if len({t for t, _ in passes}) < 2:
+        return None
+    n = len(passes)
+    mean_t = sum(t for t, _ in passes) / n
+    mean_s = sum(s for _, s in passes) / n
+    b = sum((t - mean_t) * (s - mean_s) for t, s in passes) / sum((t - mean_t) ** 2 for t, _ in passes)
+    b = max(b, 0.0)
+    return max(mean_s - b * mean_t, 0.0), b
 
 
 class SpecController:
@@ -178,8 +197,8 @@ class SpecController:
         return min(k for k, r in rates.items() if r >= (1 - PREFER_SMALLER) * best)
 
     def choose_k(self, seq_ids: list[int]) -> tuple[int, int]:
-        """seq_ids: this step's decoding sequences -> (k, how many of them, from the front of the
-        list, speculate this step)."""
+        """seq_ids: this step's decoding sequences -> (k, how many of them speculate this step; the
+        engine picks which)."""
         batch_size = len(seq_ids)
         if not self.adaptive or batch_size == 0:
             return self.max_k, batch_size
@@ -194,6 +213,11 @@ class SpecController:
         if b.on:
             if b.steps % REMEASURE_EVERY == 0:
                 return 0, 0
+            one = b.costs.get(1)
+            if one is not None and one.count >= COST_SAMPLES and 2 / one.seconds < self._margin_rate(b):
+                # Even k = 1 at full acceptance loses, so every larger k (more passes) does too.
+                self._switch_off(b)
+                return 0, 0
             unmeasured = [k for k in self.candidates if b.cost(k).count < COST_SAMPLES]
             k = unmeasured[0] if unmeasured else self._best_k(b)
             if k == 0:  # no k is predicted to beat k = 0 any more: off, and probe again later
@@ -206,6 +230,11 @@ class SpecController:
             return self.probe_k, min(self.probe_seqs or batch_size, batch_size)
         return 0, 0
 
+    @staticmethod
+    def _margin_rate(b: _Bucket) -> float:
+        """The per-sequence rate speculation has to beat: k = 0's, by the margin."""
+        return 1 / b.cost(0).seconds / (1 - PREFER_SMALLER)
+
     def _shadow_says_probe(self, b: _Bucket) -> bool:
         """Free proposals, off and backing off: do the shadow verifications since predict that the
         last probe's cost would now be repaid by the margin?"""
@@ -213,9 +242,11 @@ class SpecController:
             return False
         return self.batch_expected_tokens(self.probe_k) > b.probe_cost_ratio / (1 - PREFER_SMALLER)
 
-    def record_step(self, batch_size: int, k: int, num_spec: int, tokens: int, seconds: float) -> None:
+    def record_step(self, batch_size: int, k: int, num_spec: int, tokens: int, seconds: float,
+                    draft_passes: list[tuple[int, float]] = ()) -> None:
         """A decode-only step: `batch_size` sequences, `num_spec` of them with k proposals, emitted
-        `tokens` in `seconds` of whole engine step."""
+        `tokens` in `seconds` of whole engine step; `draft_passes`: (tokens, seconds) of each
+        draft pass the step ran (none for free proposals)."""
         if seconds <= 0 or not self.adaptive:
             return
         b = self._bucket(batch_size)
@@ -223,15 +254,17 @@ class SpecController:
             b.cost(0).add(seconds, self.smoothing)
         elif b.probe is not None and k == self.probe_k:
             self.probe_seconds += seconds - b.cost(0).seconds
-            self._record_probe(b, batch_size, num_spec, tokens, seconds)
+            self._record_probe(b, batch_size, num_spec, tokens, seconds, list(draft_passes))
         elif num_spec >= batch_size and b.on:
             if b.skip_next:
                 b.skip_next = False
             else:
                 b.cost(k).add(seconds, self.smoothing)
 
-    def _record_probe(self, b: _Bucket, batch_size: int, num_spec: int, tokens: int, seconds: float) -> None:
+    def _record_probe(self, b: _Bucket, batch_size: int, num_spec: int, tokens: int, seconds: float,
+                      passes: list[tuple[int, float]]) -> None:
         p = b.probe
+        p.passes += passes
         if not p.caught_up:
             p.caught_up = True
             return
@@ -240,17 +273,17 @@ class SpecController:
         plain_seconds = b.cost(0).seconds
         p.extra_tokens += tokens - batch_size
         p.extra_seconds += seconds - plain_seconds
+        p.draft_seconds += sum(s for _, s in passes)
         p.seq_steps += num_spec
         p.measured += 1
-        # Whole-batch estimate: every sequence adds what the probed ones added on average.
         per_seq_tokens = p.extra_tokens / p.seq_steps
-        per_seq_seconds = p.extra_seconds / p.seq_steps
-        whole_seconds = max(plain_seconds + batch_size * per_seq_seconds, 1e-9)
+        whole_seconds = self._whole_batch_seconds(p, plain_seconds, batch_size, per_seq_tokens)
         whole = batch_size * (1 + per_seq_tokens) / whole_seconds
         base = batch_size / plain_seconds
         # Clearly losing: even if every proposal were accepted the whole batch would not beat k = 0
         # by the margin that switching on requires.
-        clearly_losing = batch_size * (1 + self.probe_k) / whole_seconds < base / (1 - PREFER_SMALLER)
+        full = self._whole_batch_seconds(p, plain_seconds, batch_size, self.probe_k)
+        clearly_losing = batch_size * (1 + self.probe_k) / full < base / (1 - PREFER_SMALLER)
         if (p.measured < PROBE_STEPS or p.seq_steps < PROBE_SEQ_STEPS) and not clearly_losing:
             return
         b.probe = None
@@ -262,6 +295,21 @@ class SpecController:
             b.skip_next = num_spec < batch_size  # the rest of the batch has yet to catch up
         else:
             self._switch_off(b)
+
+    def _whole_batch_seconds(self, p: _Probe, plain_seconds: float, batch_size: int, per_seq_tokens: float) -> float:
+        """Predicted seconds of a step in which the whole batch speculates with probe_k, each
+        sequence emitting 1 + per_seq_tokens tokens. With draft pass timings: the target's extra
+        (verification rows) per speculating sequence, plus probe_k draft passes costed by a fit of
+        a fixed part and a part per token (the first pass takes each sequence's newly emitted
+        tokens, later ones one token each). Without: every sequence adds what a probed one added."""
+        fit = fit_pass_cost(p.passes)
+        if fit is None:
+            return max(plain_seconds + batch_size * p.extra_seconds / p.seq_steps, 1e-9)
+        a, per_token = fit
+        verify = max(0.0, p.extra_seconds - p.draft_seconds) / p.seq_steps
+        k = self.probe_k
+        draft = k * a + per_token * batch_size * (1 + per_seq_tokens + k - 1)
+        return max(plain_seconds + draft + verify * batch_size, 1e-9)
 
     @staticmethod
     def _switch_off(b: _Bucket) -> None:

@@ -50,12 +50,12 @@ class SpecDecoder:
         self.max_model_len = max_model_len
         self.totals = SpecTotals()
         self.per_seq: dict[int, SpecTotals] = {}
+        self._passes: list[tuple[int, float]] = []  # the draft passes of this step's propose
         self.shadow = (ShadowVerifier(proposer.indexed_lookup, controller.max_k, controller.record_verification)
                        if proposer.free_proposals and controller.adaptive else None)
 
     def plan_k(self, decoding: list[int]) -> tuple[int, int]:
-        """decoding: ids of the decoding sequences -> (k, how many of them, from the front of the
-        list, speculate this step)."""
+        """decoding: ids of the decoding sequences -> (k, how many of them speculate this step)."""
         return self.controller.choose_k(decoding)
 
     def observe(self, seq: Sequence, num_new: int) -> None:
@@ -69,10 +69,14 @@ class SpecDecoder:
         return max(0, min(k, room))
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
-        return self.proposer.propose(seqs, ks)
+        proposals = self.proposer.propose(seqs, ks)
+        self._passes = self.proposer.last_passes
+        return proposals
 
     def record_step(self, num_seqs: int, k: int, num_spec: int, tokens: int, seconds: float) -> None:
-        self.controller.record_step(num_seqs, k, num_spec, tokens, seconds)
+        """Called once per decode-only step, after `propose` if the step proposed anything."""
+        passes, self._passes = self._passes, []
+        self.controller.record_step(num_seqs, k, num_spec, tokens, seconds, passes)
 
     def verify(self, batch: list[tuple[Sequence, torch.Tensor, Proposal, torch.Generator]],
                eos_token_ids: tuple[int, ...]) -> list[list[int]]:

@@ -13,6 +13,7 @@ of the sequence's last n tokens; its proposals are deterministic (one-hot draft 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, replace
 
 import torch
@@ -46,6 +47,11 @@ class DraftProposer:
         self.generator_for = generator_for
         self._computed: dict[int, tuple[int, int]] = {}  # seq_id -> (num_preemptions, positions)
         self.num_forwards = 0
+        self.last_passes: list[tuple[int, float]] = []  # (tokens, seconds) of each pass of the last propose
+
+    def pending_tokens(self, seq: Sequence) -> int:
+        """Tokens the draft would have to catch up on before proposing for `seq`."""
+        return seq.num_tokens - self._draft_computed(seq)
 
     def _draft_computed(self, seq: Sequence) -> int:
         preemptions, count = self._computed.get(seq.seq_id, (seq.num_preemptions, 0))
@@ -54,7 +60,9 @@ class DraftProposer:
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
         proposals = [Proposal([], requested=k) for k in ks]
         probs: list[list[torch.Tensor]] = [[] for _ in seqs]
+        self.last_passes = []
         for j in range(max(ks, default=0)):
+            started = time.perf_counter()
             active = [i for i, k in enumerate(ks) if k > j]
             works = []
             for i in active:
@@ -79,6 +87,8 @@ class DraftProposer:
                 noise = torch.empty(p.shape[-1]).exponential_(generator=self.generator_for(seq)).to(p.device)
                 proposals[i].tokens.append(int((p / noise).argmax()))
                 probs[i].append(p)
+            # The tokens above were read back to the host, so the pass has finished on any device.
+            self.last_passes.append((sum(len(w.token_ids) for w in works), time.perf_counter() - started))
         for i, seq in enumerate(seqs):
             if ks[i] > 0:
                 # K/V written for the last known token and all proposals but the newest.
@@ -104,6 +114,7 @@ class NgramProposer:
     grow), so each step costs O(new tokens + k) instead of a scan of the whole context."""
 
     free_proposals = True  # a lookup in the token history; only verification is paid for
+    last_passes: list[tuple[int, float]] = []  # no model passes
 
     def __init__(self, max_ngram: int = 4, min_ngram: int = 1) -> None:
         self.max_ngram = max_ngram
@@ -143,6 +154,9 @@ class NgramProposer:
             if start is not None:
                 return tokens[start + n : min(start + n + k, end)]
         return []
+
+    def pending_tokens(self, seq: Sequence) -> int:
+        return 0
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
         return [Proposal(self.indexed_lookup(seq.seq_id, seq.token_ids, k) if k > 0 else [], requested=k)

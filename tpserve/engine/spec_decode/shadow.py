@@ -8,7 +8,10 @@ p_target(x), which is the probability that the sampled token is x, and on a reje
 that is emitted instead is distributed as the residual), then emitted the target's token, and
 proposed afresh from there; after a fully accepted proposal the bonus token comes before the next
 proposal. `ShadowVerifier` replays that rule and reports each verification speculation would have
-made, so the controller's acceptance estimate stays current while it is off.
+made, so the controller's acceptance estimate stays current while it is off. It follows at most
+`max_tracked` sequences at a time (a sample is enough for an estimate, and a lookup per sequence
+per step would cost a large batch more than the estimate is worth); a sequence is followed from
+the first step it is observed with room to spare until it speculates or finishes.
 """
 
 from __future__ import annotations
@@ -26,16 +29,22 @@ class _Pending:
 
 
 class ShadowVerifier:
-    def __init__(self, lookup, k: int, record) -> None:
+    def __init__(self, lookup, k: int, record, max_tracked: int = 8) -> None:
         """lookup(seq_id, tokens, k, end) -> the proposal made from tokens[:end];
         record(seq_id, num_accepted, num_requested) receives each shadow verification."""
         self.lookup = lookup
         self.k = k
         self.record = record
+        self.max_tracked = max_tracked
+        self._tracked: set[int] = set()
         self._pending: dict[int, _Pending] = {}
 
     def observe(self, seq: Sequence, num_new: int) -> None:
         """`seq` just emitted its last `num_new` tokens without speculating."""
+        if seq.seq_id not in self._tracked:
+            if len(self._tracked) >= self.max_tracked:
+                return
+            self._tracked.add(seq.seq_id)
         tokens = seq.token_ids
         for pos in range(len(tokens) - num_new, len(tokens)):
             self._observe_one(seq.seq_id, tokens, pos)
@@ -62,4 +71,5 @@ class ShadowVerifier:
 
     def forget(self, seq_id: int) -> None:
         """The sequence speculated (its real verification takes over) or finished."""
+        self._tracked.discard(seq_id)
         self._pending.pop(seq_id, None)
