@@ -75,10 +75,10 @@ def test_large_batch_probes_few_sequences_stops_early_when_clearly_losing_then_b
 
 def test_a_close_probe_runs_all_its_steps():
     ctrl = SpecController(max_k=4)
-    chosen = drive(ctrl, 64, 0.6, {0: 1.0, 1: 1.75, 2: 2.5, 4: 4.0}, 30)  # k = 1 yields ~1.6 for 1.75
+    chosen = drive(ctrl, 64, 0.7, {0: 1.0, 1: 1.5, 2: 2.5, 4: 4.0}, 30)  # k = 1 yields ~1.7 for 1.5
     measured = max(PROBE_STEPS, -(-PROBE_SEQ_STEPS // PROBE_SEQS))
     probe = chosen[WARMUP_STEPS : WARMUP_STEPS + 2 + measured]
-    assert probe == [(1, PROBE_SEQS)] * (1 + measured) + [(0, 0)], chosen
+    assert probe == [(1, PROBE_SEQS)] * (1 + measured) + [(1, 64)], chosen  # a narrow win: on
 
 
 def test_speculates_where_it_wins_and_finds_the_best_k():
@@ -240,3 +240,14 @@ def test_on_and_k1_losing_even_at_full_acceptance_switches_off_without_trying_la
     whole = [c for c in chosen if c[1] == 16]
     # The switch-on step (catch-up, unmeasured) and COST_SAMPLES measured k = 1 steps, then off.
     assert whole == [(1, 16)] * (1 + COST_SAMPLES), chosen
+
+
+def test_a_probe_that_sees_only_rejections_stops_within_a_few_steps():
+    # Batch 1, k = 1 costs 1.5 plain steps: it would beat k = 0 by the margin (1.5 / 0.95 = 1.58
+    # tokens a step) at alpha >= 0.58, and its cost alone never shows it losing. Acceptance is 0:
+    # with OPTIMISM = 4 imagined accepted steps the hopeful alpha after j rejections is 4 / (4 + j),
+    # below 0.58 from j = 3 on, so the probe is the catch-up step and 3 measured steps instead of
+    # its PROBE_SEQ_STEPS = 16.
+    ctrl = SpecController(max_k=4)
+    chosen = drive(ctrl, 1, 0.0, {0: 1.0, 1: 1.5, 2: 1.8, 4: 2.4}, 40)
+    assert [c for c in chosen if c[0]] == [(1, 1)] * (1 + 3), chosen

@@ -35,9 +35,10 @@ whole batch shares, and a part per token; the target's extra seconds per specula
 probed one added. A proposer whose proposals cost nothing to make (n-gram lookup) is probed at its
 largest k on the whole batch: only verification rows are paid for, and measuring the whole batch
 needs no extrapolation. A probe measures at
-least PROBE_STEPS steps and PROBE_SEQ_STEPS speculating sequence-steps, unless its cost alone
-(which varies little) shows that even if every proposal were accepted it would not beat k = 0 by
-PREFER_SMALLER. Only if the probe does beat k = 0 by that margin does the bucket switch on: it
+least PROBE_STEPS steps and PROBE_SEQ_STEPS speculating sequence-steps, unless it is clearly
+losing: it would not beat k = 0 by PREFER_SMALLER even if, beyond what it measured, OPTIMISM more
+sequence-steps had accepted every proposal (so a step whose cost alone loses ends it at once, and
+a run of rejections ends it within a few steps). Only if the probe does beat k = 0 by that margin does the bucket switch on: it
 measures each candidate's cost (smallest first, and it switches off at once if even k = 1 at full
 acceptance would lose: a larger k only adds passes), then runs the chosen k, re-measuring the cost
 of k = 0 every REMEASURE_EVERY steps, and switches off when k = 0 is chosen. A lost probe is repeated after an
@@ -58,6 +59,7 @@ from dataclasses import dataclass, field
 WARMUP_STEPS = 8  # consecutive k = 0 steps at a batch size before it is probed (skips transients)
 PROBE_STEPS = 4  # a probe measures at least this many steps ...
 PROBE_SEQ_STEPS = 16  # ... and this many speculating sequence-steps (acceptance is noisy)
+OPTIMISM = 4  # a probe stops early if losing even with this many more fully accepted sequence-steps
 PROBE_SEQS = 1  # a draft's probe: one sequence, since each pays a catch-up over its context
 COST_SAMPLES = 2  # measured steps of each candidate before predictions use its cost
 FIRST_REPROBE = 64  # steps from a lost probe to the next; doubles after each lost probe
@@ -280,10 +282,12 @@ class SpecController:
         whole_seconds = self._whole_batch_seconds(p, plain_seconds, batch_size, per_seq_tokens)
         whole = batch_size * (1 + per_seq_tokens) / whole_seconds
         base = batch_size / plain_seconds
-        # Clearly losing: even if every proposal were accepted the whole batch would not beat k = 0
-        # by the margin that switching on requires.
-        full = self._whole_batch_seconds(p, plain_seconds, batch_size, self.probe_k)
-        clearly_losing = batch_size * (1 + self.probe_k) / full < base / (1 - PREFER_SMALLER)
+        # Clearly losing: the whole batch would not beat k = 0 by the margin that switching on
+        # requires even with the yield seen so far plus OPTIMISM sequence-steps that accepted every
+        # proposal (the more steps measured, the less that optimism weighs).
+        hopeful = (p.extra_tokens + OPTIMISM * self.probe_k) / (p.seq_steps + OPTIMISM)
+        best_case = self._whole_batch_seconds(p, plain_seconds, batch_size, hopeful)
+        clearly_losing = batch_size * (1 + hopeful) / best_case < base / (1 - PREFER_SMALLER)
         if (p.measured < PROBE_STEPS or p.seq_steps < PROBE_SEQ_STEPS) and not clearly_losing:
             return
         b.probe = None
