@@ -3,8 +3,8 @@
 Every speculation config (method x policy x k; adaptive uses k as its largest k) is measured
 *paired* with no speculation: two freshly built engines in one process, the speculating one and a
 plain one, that share one copy of the target's weights and serve the same seeded greedy requests,
-taking turns one engine step at a time (which goes first alternates, and so, over repeats, does
-which engine is built first and owns the weights). Each engine's time is the sum of its own
+taking turns one engine step at a time (which goes first alternates; over repeats, so does which
+engine is built first, owns the weights and takes the first step). Each engine's time is the sum of its own
 steps, so a burst of load from elsewhere on the machine lands on both and cancels in their ratio;
 a config's ratio is the median over `--repeats` pairs (and the smallest is shown).
 
@@ -103,13 +103,15 @@ def run_pair(spec_args, plain_args, prompts, output_len, warm_prompts=None, plai
     owner, borrower = (plain, spec) if plain_first else (spec, plain)
     borrower.driver.runner.model = owner.driver.runner.model
     params = SamplingParams(max_tokens=output_len, temperature=0.0, ignore_eos=True)
-    step_together([spec, plain], prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))
+    pair = [owner, borrower]  # the owner also takes the first step of every run (a prefill)
+    step_together(pair, prompts[:1], SamplingParams(max_tokens=4, temperature=0.0))
     if warm_prompts is not None:
-        step_together([spec, plain], warm_prompts, params)
+        step_together(pair, warm_prompts, params)
     counts0 = _spec_counts(spec)
     ctrl = spec.spec.controller if spec.spec is not None else None
     probes0 = (ctrl.num_probes, ctrl.probe_seconds) if ctrl else (0, 0.0)
-    mine, theirs = step_together([spec, plain], prompts, params)
+    runs = step_together(pair, prompts, params)
+    mine, theirs = runs[::-1] if plain_first else runs
     probes, probe_seconds = ((ctrl.num_probes - probes0[0], ctrl.probe_seconds - probes0[1]) if ctrl else (0, 0.0))
     proposed, accepted, spec_steps = (b - a for a, b in zip(counts0, _spec_counts(spec)))
     tokens = sum(len(o) for o in mine["outputs"])

@@ -7,8 +7,8 @@ import random
 import pytest
 
 from tpserve.engine.spec_decode.controller import (
-    COST_SAMPLES, FIRST_REPROBE, PROBE_SEQ_STEPS, PROBE_SEQS, PROBE_STEPS, REMEASURE_EVERY, WARMUP_STEPS, SpecController,
-    expected_tokens, fit_pass_cost,
+    COST_SAMPLES, FIRST_REPROBE, PROBE_BUDGET, PROBE_SEQ_STEPS, PROBE_SEQS, PROBE_STEPS, REMEASURE_EVERY, WARMUP_STEPS,
+    SpecController, expected_tokens, fit_pass_cost,
 )
 
 
@@ -251,3 +251,32 @@ def test_a_probe_that_sees_only_rejections_stops_within_a_few_steps():
     ctrl = SpecController(max_k=4)
     chosen = drive(ctrl, 1, 0.0, {0: 1.0, 1: 1.5, 2: 1.8, 4: 2.4}, 40)
     assert [c for c in chosen if c[0]] == [(1, 1)] * (1 + 3), chosen
+
+
+def probe_length(chosen):
+    """Steps of the first probe (from its catch-up step) and the choice right after it."""
+    start = next(i for i, (k, _) in enumerate(chosen) if k)
+    end = next(i for i in range(start, len(chosen)) if chosen[i][1] != PROBE_SEQS)
+    return end - start, chosen[end]
+
+
+def test_a_probe_decides_once_it_has_cost_its_budget():
+    # Batch 2, one probed sequence, every proposal accepted: k = 1 would win, but narrowly (4 tokens
+    # in 1.85 plain steps against 2 / 0.95 in 1), so neither early end applies, and each probe
+    # step costs 0.425 plain steps. It decides (on) once catch-up and measured steps have cost
+    # PROBE_BUDGET, instead of after PROBE_SEQ_STEPS = 16.
+    ctrl = SpecController(max_k=4)
+    chosen = drive(ctrl, 2, 1.0, {0: 1.0, 1: 1.85, 2: 2.6, 4: 4.0}, 60)
+    steps = -(-PROBE_BUDGET // 0.425)  # catch-up + measured steps until the budget is spent
+    assert probe_length(chosen) == (steps, (1, 2)), chosen
+    assert steps < 1 + PROBE_SEQ_STEPS
+
+
+def test_a_clearly_winning_probe_ends_after_probe_steps():
+    # Batch 1, everything accepted, k = 1 costs 1.4: after PROBE_STEPS measured steps even 4 more
+    # that accepted nothing leave it winning (1.5 tokens for 1.4 against 1 / 0.95 for 1).
+    for steps, on in ((WARMUP_STEPS + PROBE_STEPS, False), (WARMUP_STEPS + 1 + PROBE_STEPS, True)):
+        ctrl = SpecController(max_k=4)
+        drive(ctrl, 1, 1.0, CHEAP, steps)
+        bucket = ctrl.buckets[ctrl.bucket_of(1)]
+        assert (bucket.probe is None, bucket.on) == (on, on), steps

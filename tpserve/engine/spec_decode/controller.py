@@ -35,10 +35,12 @@ whole batch shares, and a part per token; the target's extra seconds per specula
 probed one added. A proposer whose proposals cost nothing to make (n-gram lookup) is probed at its
 largest k on the whole batch: only verification rows are paid for, and measuring the whole batch
 needs no extrapolation. A probe measures at
-least PROBE_STEPS steps and PROBE_SEQ_STEPS speculating sequence-steps, unless it is clearly
-losing: it would not beat k = 0 by PREFER_SMALLER even if, beyond what it measured, OPTIMISM more
-sequence-steps had accepted every proposal (so a step whose cost alone loses ends it at once, and
-a run of rejections ends it within a few steps). Only if the probe does beat k = 0 by that margin does the bucket switch on: it
+least PROBE_STEPS steps and PROBE_SEQ_STEPS speculating sequence-steps, but it ends early when it
+is clearly losing (it would not beat k = 0 by PREFER_SMALLER even if, beyond what it measured,
+OPTIMISM more sequence-steps had accepted every proposal: a step whose cost alone loses ends it at
+once, a run of rejections within a few steps), clearly winning (after PROBE_STEPS, it would win
+even if OPTIMISM more had accepted nothing), or when it has cost PROBE_BUDGET plain steps' worth
+of time, catch-up included: a decision that close is worth less than more probing would cost. Only if the probe does beat k = 0 by that margin does the bucket switch on: it
 measures each candidate's cost (smallest first, and it switches off at once if even k = 1 at full
 acceptance would lose: a larger k only adds passes), then runs the chosen k, re-measuring the cost
 of k = 0 every REMEASURE_EVERY steps, and switches off when k = 0 is chosen. A lost probe is repeated after an
@@ -59,7 +61,8 @@ from dataclasses import dataclass, field
 WARMUP_STEPS = 8  # consecutive k = 0 steps at a batch size before it is probed (skips transients)
 PROBE_STEPS = 4  # a probe measures at least this many steps ...
 PROBE_SEQ_STEPS = 16  # ... and this many speculating sequence-steps (acceptance is noisy)
-OPTIMISM = 4  # a probe stops early if losing even with this many more fully accepted sequence-steps
+OPTIMISM = 4  # a probe ends early if it loses (wins) even with this many more steps that accepted all (none)
+PROBE_BUDGET = 4.0  # plain steps' worth of time a probe may cost before it decides on what it has
 PROBE_SEQS = 1  # a draft's probe: one sequence, since each pays a catch-up over its context
 COST_SAMPLES = 2  # measured steps of each candidate before predictions use its cost
 FIRST_REPROBE = 64  # steps from a lost probe to the next; doubles after each lost probe
@@ -89,6 +92,7 @@ class _Probe:
     extra_seconds: float = 0.0  # beyond what the step would have taken at k = 0
     seq_steps: int = 0  # speculating sequences summed over measured steps
     draft_seconds: float = 0.0  # the draft passes' share of extra_seconds
+    spent: float = 0.0  # seconds beyond k = 0's cost over every probe step, the catch-up included
     passes: list = field(default_factory=list)  # (tokens, seconds) of every draft pass, catch-up included
 
 
@@ -267,12 +271,13 @@ class SpecController:
                       passes: list[tuple[int, float]]) -> None:
         p = b.probe
         p.passes += passes
+        plain_seconds = b.cost(0).seconds
+        p.spent += seconds - plain_seconds
         if not p.caught_up:
             p.caught_up = True
             return
         if num_spec >= batch_size:
             b.cost(self.probe_k).add(seconds, self.smoothing)
-        plain_seconds = b.cost(0).seconds
         p.extra_tokens += tokens - batch_size
         p.extra_seconds += seconds - plain_seconds
         p.draft_seconds += sum(s for _, s in passes)
@@ -280,25 +285,35 @@ class SpecController:
         p.measured += 1
         per_seq_tokens = p.extra_tokens / p.seq_steps
         whole_seconds = self._whole_batch_seconds(p, plain_seconds, batch_size, per_seq_tokens)
-        whole = batch_size * (1 + per_seq_tokens) / whole_seconds
-        base = batch_size / plain_seconds
-        # Clearly losing: the whole batch would not beat k = 0 by the margin that switching on
-        # requires even with the yield seen so far plus OPTIMISM sequence-steps that accepted every
-        # proposal (the more steps measured, the less that optimism weighs).
+        wins = self._beats_plain(p, plain_seconds, batch_size, per_seq_tokens)
+        # Clearly losing: it would not win even with the yield seen so far plus OPTIMISM
+        # sequence-steps that accepted every proposal (the more steps measured, the less that
+        # optimism weighs). Clearly winning: it would win even with OPTIMISM more that accepted
+        # nothing. Out of budget: the probe has cost PROBE_BUDGET plain steps (catch-up included),
+        # more than a close decision is worth, so it decides on what it has measured.
         hopeful = (p.extra_tokens + OPTIMISM * self.probe_k) / (p.seq_steps + OPTIMISM)
-        best_case = self._whole_batch_seconds(p, plain_seconds, batch_size, hopeful)
-        clearly_losing = batch_size * (1 + hopeful) / best_case < base / (1 - PREFER_SMALLER)
-        if (p.measured < PROBE_STEPS or p.seq_steps < PROBE_SEQ_STEPS) and not clearly_losing:
+        clearly_losing = not self._beats_plain(p, plain_seconds, batch_size, hopeful)
+        enough = p.measured >= PROBE_STEPS and (
+            p.seq_steps >= PROBE_SEQ_STEPS
+            or self._beats_plain(p, plain_seconds, batch_size, p.extra_tokens / (p.seq_steps + OPTIMISM)))
+        out_of_budget = p.measured >= COST_SAMPLES and p.spent >= PROBE_BUDGET * plain_seconds
+        if not (enough or clearly_losing or out_of_budget):
             return
         b.probe = None
         b.probe_cost_ratio = whole_seconds / plain_seconds
         b.probe_ended = b.steps
-        if whole > base / (1 - PREFER_SMALLER):
+        if wins and not clearly_losing:
             b.on = True
             b.interval = FIRST_REPROBE
             b.skip_next = num_spec < batch_size  # the rest of the batch has yet to catch up
         else:
             self._switch_off(b)
+
+    def _beats_plain(self, p: _Probe, plain_seconds: float, batch_size: int, per_seq_tokens: float) -> bool:
+        """Would the whole batch speculating with probe_k, each sequence emitting 1 + per_seq_tokens
+        tokens a step, beat k = 0 by the switch-on margin?"""
+        seconds = self._whole_batch_seconds(p, plain_seconds, batch_size, per_seq_tokens)
+        return batch_size * (1 + per_seq_tokens) / seconds > batch_size / plain_seconds / (1 - PREFER_SMALLER)
 
     def _whole_batch_seconds(self, p: _Probe, plain_seconds: float, batch_size: int, per_seq_tokens: float) -> float:
         """Predicted seconds of a step in which the whole batch speculates with probe_k, each
