@@ -41,7 +41,7 @@ def _rank(model_dir, draft_dir, method, num_blocks, prompts, policy):
     engine.shutdown()
     return {"tokens": [r.token_ids for r in results], "cached": sum(r.num_cached_tokens for r in results),
             "preemptions": preemptions[0], "spec": stats["speculation"], "in_use": stats["kv_blocks_in_use"],
-            "leftover": leftover, "pooled_trials": spec.controller._pool.trials if spec is not None else 0}
+            "leftover": leftover, "pooled_trials": sum(spec.controller._pool.reached) if spec is not None else 0}
 
 
 @pytest.fixture(scope="module")

@@ -10,18 +10,20 @@ that converge at different speeds:
   of the whole engine step's seconds (draft passes, verification and sampling included) when the
   whole batch speculates with k. Step times vary little from step to step.
 - the *yield*: tokens per sequence-step are very noisy (a step emits anything from 1 to k + 1), so
-  they are not averaged per k. Instead each sequence has an acceptance rate alpha_i (a geometric
-  model: each proposal is accepted with probability alpha_i, a shortfall of proposals counts as a
-  rejection), estimated from its own last SEQ_MEMORY or so verifications and shrunk towards a
-  pooled rate (every sequence's verifications of the last POOL_MEMORY or so steps) by PRIOR_TRIALS
-  pseudo-verifications. A new request therefore starts from what requests typically achieve, not
-  from what the request before it happened to achieve, and its own text takes over within a few
-  steps. A sequence speculating with k emits on average E_k(alpha_i) = 1 + alpha_i + ... + alpha_i^k
-  tokens; the batch yields the sum over its sequences.
+  they are not averaged per k. Instead each sequence has acceptance rates r_1, r_2, ... by proposal
+  position (r_j: the chance that proposal j is accepted once all before it were), estimated from
+  its own last SEQ_MEMORY or so verifications and shrunk, position by position, towards the
+  pooled rates (every sequence's verifications of the last POOL_MEMORY or so steps) by
+  PRIOR_TRIALS pseudo-verifications. A new request therefore starts from what requests typically
+  achieve, not from what the request before it happened to achieve, and its own text takes over
+  within a few steps. A sequence speculating with k emits on average E_k = 1 + r_1 + r_1 r_2 + ...
+  + r_1 ... r_k tokens; rates by position, rather than one rate for independent coin flips, keep
+  bursty acceptance (a draft that is right for a whole stretch or wrong at once) from being
+  over-predicted. The batch yields the sum over its sequences.
 
-The predicted throughput of k is sum_i E_k(alpha_i) / cost_k; the smallest k predicted within
-PREFER_SMALLER of the best is chosen (a larger k is more sensitive to an error in alpha, and k = 0
-risks nothing, so speculation must be predicted to win by that margin).
+The predicted throughput of k is sum_i E_k / cost_k; the smallest k predicted within
+PREFER_SMALLER of the best is chosen (a larger k is more sensitive to an error in the acceptance
+estimate, and k = 0 risks nothing, so speculation must be predicted to win by that margin).
 
 A bucket starts at k = 0, the safe choice, and probes before it speculates on everyone, once the
 batch size has lasted WARMUP_STEPS steps (the batch sizes a load passes through while ramping up
@@ -113,25 +115,22 @@ class _Bucket:
         return self.costs.setdefault(k, _Cost())
 
 
-@dataclass
 class _Counts:
-    """Decayed counts of accepted proposals and of trials (accepted + verifications ended early)."""
+    """Decayed counts per proposal position j (0-based): verifications that reached j (every
+    proposal before it was accepted) and verifications that accepted it."""
 
-    accepted: float = 0.0
-    trials: float = 0.0
+    def __init__(self, positions: int) -> None:
+        self.reached = [0.0] * positions
+        self.accepted = [0.0] * positions
 
     def decay(self, keep: float) -> None:
-        self.accepted *= keep
-        self.trials *= keep
+        self.reached = [x * keep for x in self.reached]
+        self.accepted = [x * keep for x in self.accepted]
 
-    def add(self, num_accepted: int, ended: bool) -> None:
-        self.accepted += num_accepted
-        self.trials += num_accepted + (1 if ended else 0)
-
-
-def expected_tokens(alpha: float, k: int) -> float:
-    """Mean tokens one verification emits with k proposals each accepted with probability alpha."""
-    return sum(alpha**i for i in range(k + 1))
+    def add(self, num_accepted: int, num_requested: int) -> None:
+        for j in range(min(num_accepted + 1, num_requested, len(self.reached))):
+            self.reached[j] += 1
+            self.accepted[j] += j < num_accepted
 
 
 def fit_pass_cost(passes: list[tuple[int, float]]) -> tuple[float, float] | None:
@@ -161,28 +160,68 @@ class SpecController:
         self.probe_catch_up = not free_proposals  # a draft's first probe step catches up
         self.buckets: dict[int, _Bucket] = {}
         self._last_bucket: _Bucket | None = None
-        self._pool = _Counts()
+        self._positions = max(1, max_k)
+        self._pool = _Counts(self._positions)
         self._seqs: dict[int, _Counts] = {}
         self._batch: list[int] = []  # the decoding sequences of the step being planned
+        self._yield: list[float] | None = None  # the batch's mean E_0 .. E_max_k, until counts change
         self.num_probes = 0
         self.probe_seconds = 0.0  # what probe steps cost beyond k = 0's step cost, catch-up included
 
     @property
     def acceptance(self) -> float:
-        """Pooled estimate of the probability that a proposal is accepted (given the ones before it
-        were): the prior of a sequence that has no verifications of its own yet."""
-        return self._pool.accepted / self._pool.trials if self._pool.trials else 0.0
+        """Pooled estimate of the probability that a proposal is accepted, over all positions."""
+        reached = sum(self._pool.reached)
+        return sum(self._pool.accepted) / reached if reached else 0.0
+
+    def _pooled_rates(self) -> list[float]:
+        """Pooled acceptance at each position (given the ones before it were accepted); a position
+        without data yet takes the rate over all positions."""
+        overall = self.acceptance
+        pool = self._pool
+        return [a / r if r > 1e-9 else overall for a, r in zip(pool.accepted, pool.reached)]
+
+    def _rates(self, seq_id: int, pooled: list[float]) -> list[float]:
+        """This sequence's acceptance at each position: its own counts plus PRIOR_TRIALS trials at
+        the pooled rate of that position."""
+        own = self._seqs.get(seq_id)
+        if own is None:
+            return pooled
+        return [(a + PRIOR_TRIALS * q) / (r + PRIOR_TRIALS) for a, r, q in zip(own.accepted, own.reached, pooled)]
 
     def sequence_acceptance(self, seq_id: int) -> float:
-        """This sequence's estimate: its own counts plus PRIOR_TRIALS trials at the pooled rate."""
-        own = self._seqs.get(seq_id) or _Counts()
-        return (own.accepted + PRIOR_TRIALS * self.acceptance) / (own.trials + PRIOR_TRIALS)
+        """This sequence's estimate over all positions (shrunk towards the pooled rate)."""
+        own = self._seqs.get(seq_id)
+        if own is None:
+            return self.acceptance
+        return (sum(own.accepted) + PRIOR_TRIALS * self.acceptance) / (sum(own.reached) + PRIOR_TRIALS)
+
+    def sequence_expected_tokens(self, seq_id: int, k: int) -> float:
+        """Mean tokens a verification of this sequence with k proposals emits: 1 + the chance of
+        accepting the first, the first two, ... the first k (products of per-position rates, so
+        bursty acceptance, all or nothing, is not mistaken for independent coin flips)."""
+        return self._expected(self._rates(seq_id, self._pooled_rates()))[k]
+
+    @staticmethod
+    def _expected(rates: list[float]) -> list[float]:
+        """E_0 .. E_len(rates) for per-position acceptance rates."""
+        out, survive = [1.0], 1.0
+        for r in rates:
+            survive *= r
+            out.append(out[-1] + survive)
+        return out
 
     def batch_expected_tokens(self, k: int) -> float:
         """Mean over the batch being planned of the tokens a sequence emits speculating with k."""
-        if not self._batch:
-            return expected_tokens(self.acceptance, k)
-        return sum(expected_tokens(self.sequence_acceptance(s), k) for s in self._batch) / len(self._batch)
+        if self._yield is None:
+            pooled = self._pooled_rates()
+            batch = self._batch or [None]
+            sums = [0.0] * (self._positions + 1)
+            for seq_id in batch:
+                for j, e in enumerate(self._expected(self._rates(seq_id, pooled))):
+                    sums[j] += e
+            self._yield = [x / len(batch) for x in sums]
+        return self._yield[min(k, self._positions)]
 
     @staticmethod
     def bucket_of(batch_size: int) -> int:
@@ -197,7 +236,7 @@ class SpecController:
 
     def _best_k(self, b: _Bucket) -> int:
         """The smallest k predicted within PREFER_SMALLER of the best: a larger k is more sensitive
-        to an error in the acceptance estimate (E_k grows like alpha^k), and k = 0 risks nothing."""
+        to an error in the acceptance estimate (it multiplies k rates), and k = 0 risks nothing."""
         rates = {k: self.predicted_rate(b, k) for k in self.candidates}
         best = max(rates.values())
         return min(k for k, r in rates.items() if r >= (1 - PREFER_SMALLER) * best)
@@ -209,6 +248,7 @@ class SpecController:
         if not self.adaptive or batch_size == 0:
             return self.max_k, batch_size
         self._batch = list(seq_ids)
+        self._yield = None
         self._pool.decay(1 - 1 / POOL_MEMORY)  # acceptance drifts with the text: forget per step
         b = self._bucket(batch_size)
         b.steps += 1
@@ -343,12 +383,13 @@ class SpecController:
         found fewer counts as rejected at the first missing one)."""
         if num_requested <= 0:
             return
-        ended = num_accepted < num_requested
-        own = self._seqs.setdefault(seq_id, _Counts())
+        own = self._seqs.setdefault(seq_id, _Counts(self._positions))
         own.decay(1 - 1 / SEQ_MEMORY)
-        own.add(num_accepted, ended)
-        self._pool.add(num_accepted, ended)
+        own.add(num_accepted, num_requested)
+        self._pool.add(num_accepted, num_requested)
+        self._yield = None
 
     def release(self, seq_id: int) -> None:
         """The sequence finished: forget its own counts (the pooled ones keep its verifications)."""
         self._seqs.pop(seq_id, None)
+        self._yield = None
