@@ -7,7 +7,7 @@ import random
 import pytest
 
 from tpserve.engine.spec_decode.controller import (
-    COST_SAMPLES, FIRST_REPROBE, PROBE_BUDGET, PROBE_SEQ_STEPS, PROBE_SEQS, PROBE_STEPS, REMEASURE_EVERY, WARMUP_STEPS,
+    COST_SAMPLES, FIRST_REPROBE, MAX_REPROBE, PROBE_BUDGET, PROBE_SEQ_STEPS, PROBE_SEQS, PROBE_STEPS, REMEASURE_EVERY, WARMUP_STEPS,
     SpecController, fit_pass_cost,
 )
 
@@ -67,18 +67,28 @@ def test_expected_tokens_follow_per_position_acceptance():
     assert ctrl.sequence_expected_tokens(7, 4) == pytest.approx(3.0, abs=0.1)  # a newcomer: the pooled profile
 
 
-def test_large_batch_probes_few_sequences_stops_early_when_clearly_losing_then_backs_off():
+def test_a_probe_lost_on_cost_stops_at_once_and_waits_the_longest_interval():
     ctrl = SpecController(max_k=4)
-    steps = WARMUP_STEPS + 2 + 2 * FIRST_REPROBE + 4
+    steps = WARMUP_STEPS + 2 + MAX_REPROBE + 4
     chosen = drive(ctrl, 64, 0.4, EXPENSIVE, steps)
     # One unmeasured catch-up step, then one measured step shows it losing even at full acceptance.
     first_end = WARMUP_STEPS + 2
     assert chosen[:first_end] == [(0, 0)] * WARMUP_STEPS + [(1, PROBE_SEQS)] * 2
     probes = [i for i, c in enumerate(chosen) if c != (0, 0)]
-    # The second probe comes FIRST_REPROBE steps after the first one ended, and also loses; the
-    # third would come twice as late, past the end of this run.
-    second = first_end - 1 + FIRST_REPROBE
+    # No text can make k = 1 pay when its cost alone loses: the next probe comes MAX_REPROBE later.
+    second = first_end - 1 + MAX_REPROBE
     assert probes == list(range(WARMUP_STEPS, first_end)) + list(range(second, second + 2))
+
+
+def test_a_probe_lost_on_acceptance_backs_off_doubling():
+    # k = 1 costs 1.5: full acceptance would win, alpha = 0.1 does not. The text may change, so the
+    # next probes come FIRST_REPROBE, then twice that, after each lost one.
+    ctrl = SpecController(max_k=4)
+    chosen = drive(ctrl, 64, 0.1, {0: 1.0, 1: 1.5, 2: 2.0, 4: 3.0}, WARMUP_STEPS + 3 * FIRST_REPROBE + 40)
+    starts = [i for i, c in enumerate(chosen) if c[0] and (i == 0 or not chosen[i - 1][0])]
+    ends = [i for i, c in enumerate(chosen) if c[0] and (i + 1 == len(chosen) or not chosen[i + 1][0])]
+    assert starts[0] == WARMUP_STEPS and len(starts) == 3, chosen
+    assert [b - a for a, b in zip(ends, starts[1:])] == [FIRST_REPROBE, 2 * FIRST_REPROBE]
 
 
 def test_a_close_probe_runs_all_its_steps():

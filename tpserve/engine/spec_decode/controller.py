@@ -47,7 +47,8 @@ measures each candidate's cost (smallest first, and it switches off at once if e
 acceptance would lose: a larger k only adds passes), then runs the chosen k, re-measuring the cost
 of k = 0 every REMEASURE_EVERY steps, and switches off when k = 0 is chosen. A lost probe is repeated after an
 interval that doubles each time (64, 128, ... 1024 steps), so probing a bucket where speculation
-never pays costs ever less.
+never pays costs ever less; a probe lost on cost alone (even full acceptance would not match
+k = 0, which no text can change) waits the longest interval at once.
 
 Free proposals can also be checked while off: the engine feeds `record_verification` with *shadow*
 verifications (the lookup made as if speculating, compared with the tokens the target then
@@ -347,13 +348,16 @@ class SpecController:
             b.interval = FIRST_REPROBE
             b.skip_next = num_spec < batch_size  # the rest of the batch has yet to catch up
         else:
-            self._switch_off(b)
+            # Lost on cost alone (even full acceptance would not match k = 0): that is a property of
+            # the machine and the batch size, not of the text, so re-probe only after MAX_REPROBE.
+            self._switch_off(b, hopeless=not self._beats_plain(p, plain_seconds, batch_size, self.probe_k, 0.0))
 
-    def _beats_plain(self, p: _Probe, plain_seconds: float, batch_size: int, per_seq_tokens: float) -> bool:
+    def _beats_plain(self, p: _Probe, plain_seconds: float, batch_size: int, per_seq_tokens: float,
+                     margin: float = PREFER_SMALLER) -> bool:
         """Would the whole batch speculating with probe_k, each sequence emitting 1 + per_seq_tokens
-        tokens a step, beat k = 0 by the switch-on margin?"""
+        tokens a step, beat k = 0 by `margin`?"""
         seconds = self._whole_batch_seconds(p, plain_seconds, batch_size, per_seq_tokens)
-        return batch_size * (1 + per_seq_tokens) / seconds > batch_size / plain_seconds / (1 - PREFER_SMALLER)
+        return batch_size * (1 + per_seq_tokens) / seconds > batch_size / plain_seconds / (1 - margin)
 
     def _whole_batch_seconds(self, p: _Probe, plain_seconds: float, batch_size: int, per_seq_tokens: float) -> float:
         """Predicted seconds of a step in which the whole batch speculates with probe_k, each
@@ -371,10 +375,10 @@ class SpecController:
         return max(plain_seconds + draft + verify * batch_size, 1e-9)
 
     @staticmethod
-    def _switch_off(b: _Bucket) -> None:
+    def _switch_off(b: _Bucket, hopeless: bool = False) -> None:
         b.on = False
         b.costs = {0: b.cost(0)}  # speculative costs are measured afresh when it next switches on
-        b.next_probe = b.steps + b.interval
+        b.next_probe = b.steps + (MAX_REPROBE if hopeless else b.interval)
         b.interval = min(2 * b.interval, MAX_REPROBE)
 
     def record_verification(self, seq_id: int, num_accepted: int, num_requested: int) -> None:
