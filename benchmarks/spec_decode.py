@@ -11,10 +11,11 @@ a config's ratio is the median over `--repeats` pairs (and the smallest is shown
 Policies: `fixed`; `adaptive`, a fresh controller, so its probing is paid inside the measured run;
 `adaptive-warm`, measured after both engines served an untimed run of other prompts of the same
 shape (the steady state of a server that has been serving this load). An `off control` pair (two
-plain engines) shows how far the residual noise moves a ratio. Also reported: target forwards and
-their ratio, tokens per target forward, acceptance, the adaptive controller's probes and the share
-of the run's time they cost beyond plain steps (catch-up included), and whether every output
-equals the plain engine's.
+plain engines) shows how far the residual noise moves a ratio. Also reported, from the first
+repeat (the same in every repeat for fixed k; an adaptive controller's timing-driven choices vary
+between repeats): target forwards and their ratio, tokens per target forward, acceptance; the
+medians of the adaptive controller's probes and of the share of the run's time they cost beyond
+plain steps (catch-up included); and whether every output equals the plain engine's.
 
     python benchmarks/spec_decode.py [--batch-sizes 1 4 16 64] [--ks 2 4 6] [--methods draft ngram]
                                      [--policies fixed adaptive adaptive-warm] [--repeats 3]
