@@ -36,12 +36,12 @@ def _rank(model_dir, draft_dir, method, num_blocks, prompts, policy):
     stats = engine.stats()
     spec = engine.spec
     # Per-sequence speculation state must go with the sequences.
-    leftover = (len(spec.controller._seqs) + len(spec.per_seq) + len(spec.shadow._pending if spec.shadow else {})
+    leftover = (len(spec.controller.estimates) + len(spec.per_seq) + len(spec.shadow._pending if spec.shadow else {})
                 if spec is not None else 0)
     engine.shutdown()
     return {"tokens": [r.token_ids for r in results], "cached": sum(r.num_cached_tokens for r in results),
             "preemptions": preemptions[0], "spec": stats["speculation"], "in_use": stats["kv_blocks_in_use"],
-            "leftover": leftover, "pooled_trials": sum(spec.controller._pool.reached) if spec is not None else 0}
+            "leftover": leftover, "pooled_trials": spec.controller.estimates.pooled_trials if spec is not None else 0}
 
 
 @pytest.fixture(scope="module")

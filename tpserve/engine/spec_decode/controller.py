@@ -12,9 +12,8 @@ that converge at different speeds:
 - the *yield*: tokens per sequence-step are very noisy (a step emits anything from 1 to k + 1), so
   they are not averaged per k. Instead each sequence has acceptance rates r_1, r_2, ... by proposal
   position (r_j: the chance that proposal j is accepted once all before it were), estimated from
-  its own last SEQ_MEMORY or so verifications and shrunk, position by position, towards the
-  pooled rates (every sequence's verifications of the last POOL_MEMORY or so steps) by
-  PRIOR_TRIALS pseudo-verifications. A new request therefore starts from what requests typically
+  its own recent verifications and shrunk, position by position, towards the pooled rates of
+  every sequence (`acceptance.py`). A new request therefore starts from what requests typically
   achieve, not from what the request before it happened to achieve, and its own text takes over
   within a few steps. A sequence speculating with k emits on average E_k = 1 + r_1 + r_1 r_2 + ...
   + r_1 ... r_k tokens; rates by position, rather than one rate for independent coin flips, keep
@@ -42,12 +41,13 @@ is clearly losing (it would not beat k = 0 by PREFER_SMALLER even if, beyond wha
 OPTIMISM more sequence-steps had accepted every proposal: a step whose cost alone loses ends it at
 once, a run of rejections within a few steps), clearly winning (after PROBE_STEPS, it would win
 even if OPTIMISM more had accepted nothing), or when it has cost PROBE_BUDGET plain steps' worth
-of time, catch-up included: a decision that close is worth less than more probing would cost. Only if the probe does beat k = 0 by that margin does the bucket switch on: it
-measures each candidate's cost (smallest first, and it switches off at once if even k = 1 at full
-acceptance would lose: a larger k only adds passes), then runs the chosen k, re-measuring the cost
-of k = 0 every REMEASURE_EVERY steps, and switches off when k = 0 is chosen. A lost probe is repeated after an
-interval that doubles each time (64, 128, ... 1024 steps), so probing a bucket where speculation
-never pays costs ever less; a probe lost on cost alone (even full acceptance would not match
+of time, catch-up included: a decision that close is worth less than more probing would cost.
+Only if the probe does beat k = 0 by that margin does the bucket switch on: it measures each
+candidate's cost (smallest first, and it switches off at once if even k = 1 at full acceptance
+would lose: a larger k only adds passes), then runs the chosen k, re-measuring the cost of k = 0
+every REMEASURE_EVERY steps, and switches off when k = 0 is chosen. A lost probe is repeated after
+an interval that doubles each time (64, 128, ... 1024 steps), so probing a bucket where
+speculation never pays costs ever less; a probe lost on cost alone (even full acceptance would not match
 k = 0, which no text can change) waits the longest interval at once.
 
 Free proposals can also be checked while off: the engine feeds `record_verification` with *shadow*
@@ -61,6 +61,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tpserve.engine.spec_decode.acceptance import AcceptanceEstimates
+
 WARMUP_STEPS = 8  # consecutive k = 0 steps at a batch size before it is probed (skips transients)
 PROBE_STEPS = 4  # a probe measures at least this many steps ...
 PROBE_SEQ_STEPS = 16  # ... and this many speculating sequence-steps (acceptance is noisy)
@@ -72,9 +74,6 @@ FIRST_REPROBE = 64  # steps from a lost probe to the next; doubles after each lo
 MAX_REPROBE = 1024
 REMEASURE_EVERY = 32  # while on: one k = 0 step this often keeps its cost current
 PREFER_SMALLER = 0.05  # a larger k must be predicted this much faster to be chosen over a smaller
-SEQ_MEMORY = 16  # a sequence's own counts decay by 1 - 1/SEQ_MEMORY per verification of it
-POOL_MEMORY = 64  # steps: the pooled counts (every sequence's) decay by 1 - 1/POOL_MEMORY per step
-PRIOR_TRIALS = 2.0  # pseudo-verifications at the pooled rate that a sequence's estimate starts from
 
 
 @dataclass
@@ -116,24 +115,6 @@ class _Bucket:
         return self.costs.setdefault(k, _Cost())
 
 
-class _Counts:
-    """Decayed counts per proposal position j (0-based): verifications that reached j (every
-    proposal before it was accepted) and verifications that accepted it."""
-
-    def __init__(self, positions: int) -> None:
-        self.reached = [0.0] * positions
-        self.accepted = [0.0] * positions
-
-    def decay(self, keep: float) -> None:
-        self.reached = [x * keep for x in self.reached]
-        self.accepted = [x * keep for x in self.accepted]
-
-    def add(self, num_accepted: int, num_requested: int) -> None:
-        for j in range(min(num_accepted + 1, num_requested, len(self.reached))):
-            self.reached[j] += 1
-            self.accepted[j] += j < num_accepted
-
-
 def fit_pass_cost(passes: list[tuple[int, float]]) -> tuple[float, float] | None:
     """Least-squares seconds = a + b * tokens over draft passes; None without two token counts.
     The catch-up pass (a whole context) and the one-token passes give it a long lever arm."""
@@ -161,68 +142,24 @@ class SpecController:
         self.probe_catch_up = not free_proposals  # a draft's first probe step catches up
         self.buckets: dict[int, _Bucket] = {}
         self._last_bucket: _Bucket | None = None
-        self._positions = max(1, max_k)
-        self._pool = _Counts(self._positions)
-        self._seqs: dict[int, _Counts] = {}
-        self._batch: list[int] = []  # the decoding sequences of the step being planned
-        self._yield: list[float] | None = None  # the batch's mean E_0 .. E_max_k, until counts change
+        self.estimates = AcceptanceEstimates(max(1, max_k))
         self.num_probes = 0
         self.probe_seconds = 0.0  # what probe steps cost beyond k = 0's step cost, catch-up included
 
     @property
     def acceptance(self) -> float:
-        """Pooled estimate of the probability that a proposal is accepted, over all positions."""
-        reached = sum(self._pool.reached)
-        return sum(self._pool.accepted) / reached if reached else 0.0
-
-    def _pooled_rates(self) -> list[float]:
-        """Pooled acceptance at each position (given the ones before it were accepted); a position
-        without data yet takes the rate over all positions."""
-        overall = self.acceptance
-        pool = self._pool
-        return [a / r if r > 1e-9 else overall for a, r in zip(pool.accepted, pool.reached)]
-
-    def _rates(self, seq_id: int, pooled: list[float]) -> list[float]:
-        """This sequence's acceptance at each position: its own counts plus PRIOR_TRIALS trials at
-        the pooled rate of that position."""
-        own = self._seqs.get(seq_id)
-        if own is None:
-            return pooled
-        return [(a + PRIOR_TRIALS * q) / (r + PRIOR_TRIALS) for a, r, q in zip(own.accepted, own.reached, pooled)]
+        """Pooled acceptance over all proposal positions."""
+        return self.estimates.acceptance
 
     def sequence_acceptance(self, seq_id: int) -> float:
-        """This sequence's estimate over all positions (shrunk towards the pooled rate)."""
-        own = self._seqs.get(seq_id)
-        if own is None:
-            return self.acceptance
-        return (sum(own.accepted) + PRIOR_TRIALS * self.acceptance) / (sum(own.reached) + PRIOR_TRIALS)
+        return self.estimates.sequence_acceptance(seq_id)
 
     def sequence_expected_tokens(self, seq_id: int, k: int) -> float:
-        """Mean tokens a verification of this sequence with k proposals emits: 1 + the chance of
-        accepting the first, the first two, ... the first k (products of per-position rates, so
-        bursty acceptance, all or nothing, is not mistaken for independent coin flips)."""
-        return self._expected(self._rates(seq_id, self._pooled_rates()))[k]
-
-    @staticmethod
-    def _expected(rates: list[float]) -> list[float]:
-        """E_0 .. E_len(rates) for per-position acceptance rates."""
-        out, survive = [1.0], 1.0
-        for r in rates:
-            survive *= r
-            out.append(out[-1] + survive)
-        return out
+        return self.estimates.sequence_expected_tokens(seq_id, k)
 
     def batch_expected_tokens(self, k: int) -> float:
         """Mean over the batch being planned of the tokens a sequence emits speculating with k."""
-        if self._yield is None:
-            pooled = self._pooled_rates()
-            batch = self._batch or [None]
-            sums = [0.0] * (self._positions + 1)
-            for seq_id in batch:
-                for j, e in enumerate(self._expected(self._rates(seq_id, pooled))):
-                    sums[j] += e
-            self._yield = [x / len(batch) for x in sums]
-        return self._yield[min(k, self._positions)]
+        return self.estimates.batch_expected_tokens(k)
 
     @staticmethod
     def bucket_of(batch_size: int) -> int:
@@ -248,9 +185,7 @@ class SpecController:
         batch_size = len(seq_ids)
         if not self.adaptive or batch_size == 0:
             return self.max_k, batch_size
-        self._batch = list(seq_ids)
-        self._yield = None
-        self._pool.decay(1 - 1 / POOL_MEMORY)  # acceptance drifts with the text: forget per step
+        self.estimates.new_step(seq_ids)
         b = self._bucket(batch_size)
         b.steps += 1
         b.streak = b.streak + 1 if b is self._last_bucket else 1
@@ -385,15 +320,8 @@ class SpecController:
         """One verification of sequence `seq_id` (real, or a shadow one of free proposals):
         `num_accepted` of the `num_requested` proposals it asked for were accepted (a proposer that
         found fewer counts as rejected at the first missing one)."""
-        if num_requested <= 0:
-            return
-        own = self._seqs.setdefault(seq_id, _Counts(self._positions))
-        own.decay(1 - 1 / SEQ_MEMORY)
-        own.add(num_accepted, num_requested)
-        self._pool.add(num_accepted, num_requested)
-        self._yield = None
+        self.estimates.record(seq_id, num_accepted, num_requested)
 
     def release(self, seq_id: int) -> None:
         """The sequence finished: forget its own counts (the pooled ones keep its verifications)."""
-        self._seqs.pop(seq_id, None)
-        self._yield = None
+        self.estimates.release(seq_id)
