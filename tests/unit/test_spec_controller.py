@@ -12,6 +12,14 @@ from tpserve.engine.spec_decode.controller import (
 )
 
 
+def accepted_of(rng, alpha, k):
+    """Proposals accepted out of k, each with probability alpha once the ones before it were."""
+    accepted = 0
+    while accepted < k and rng.random() < alpha:
+        accepted += 1
+    return accepted
+
+
 def drive(ctrl, batch, alpha, cost, steps, catch_up_seconds=0.0, seed=0, first_id=0, shadow=False):
     """A simulated machine running sequences first_id .. first_id + batch - 1. cost[k]: seconds of
     a step in which the whole batch speculates with k; a step with n of the batch speculating costs
@@ -22,12 +30,6 @@ def drive(ctrl, batch, alpha, cost, steps, catch_up_seconds=0.0, seed=0, first_i
     rng = random.Random(seed)
     chosen, caught_up = [], set()
     ids = list(range(first_id, first_id + batch))
-    def verification(a, k):
-        accepted = 0
-        while accepted < k and rng.random() < a:
-            accepted += 1
-        return accepted
-
     for step in range(steps):
         a = alpha(step) if callable(alpha) else alpha
         k, n = ctrl.choose_k(ids)
@@ -38,11 +40,11 @@ def drive(ctrl, batch, alpha, cost, steps, catch_up_seconds=0.0, seed=0, first_i
             secs += (cost[k] - cost[0]) * n / batch + catch_up_seconds * len(set(range(n)) - caught_up)
             caught_up |= set(range(n))
         for seq_id in ids[:n]:
-            accepted = verification(a, k)
+            accepted = accepted_of(rng, a, k)
             ctrl.record_verification(seq_id, accepted, k)
             tokens += accepted
         for seq_id in ids[n:] if shadow else []:
-            ctrl.record_verification(seq_id, verification(a, ctrl.max_k), ctrl.max_k)
+            ctrl.record_verification(seq_id, accepted_of(rng, a, ctrl.max_k), ctrl.max_k)
         ctrl.record_step(batch, k, n, tokens, secs)
     return chosen
 
@@ -55,16 +57,16 @@ CHEAP = {0: 1.0, 1: 1.4, 2: 1.5, 4: 2.6}
 
 def test_expected_tokens_follow_per_position_acceptance():
     ctrl = SpecController(max_k=4)
-    assert ctrl.batch_expected_tokens(4) == 1  # nothing seen yet: nothing expected
+    assert ctrl.estimates.batch_expected_tokens(4) == 1  # nothing seen yet: nothing expected
     for _ in range(400):  # bursty: half the verifications accept all 4, half reject the first
         ctrl.record_verification(0, 4, 4)
         ctrl.record_verification(0, 0, 4)
     # Independent coin flips at the overall rate (4 accepted per 5 trials) would give
     # 1 + .8 + .64 + .51 + .41 = 3.36; position by position it is 1 + .5 * 4 = 3.
-    assert ctrl.acceptance == pytest.approx(0.8, abs=0.01)
-    assert ctrl.sequence_expected_tokens(0, 4) == pytest.approx(3.0, abs=0.1)
-    assert ctrl.sequence_expected_tokens(0, 1) == pytest.approx(1.5, abs=0.05)
-    assert ctrl.sequence_expected_tokens(7, 4) == pytest.approx(3.0, abs=0.1)  # a newcomer: the pooled profile
+    assert ctrl.estimates.acceptance == pytest.approx(0.8, abs=0.01)
+    assert ctrl.estimates.sequence_expected_tokens(0, 4) == pytest.approx(3.0, abs=0.1)
+    assert ctrl.estimates.sequence_expected_tokens(0, 1) == pytest.approx(1.5, abs=0.05)
+    assert ctrl.estimates.sequence_expected_tokens(7, 4) == pytest.approx(3.0, abs=0.1)  # a newcomer: the pooled profile
 
 
 def test_a_probe_lost_on_cost_stops_at_once_and_waits_the_longest_interval():
@@ -105,7 +107,7 @@ def test_speculates_where_it_wins_and_finds_the_best_k():
         chosen = drive(ctrl, batch, 0.8, CHEAP, 60)
         tail = [c for i, c in enumerate(chosen[-20:], start=40) if (i + 1) % REMEASURE_EVERY]
         assert tail == [(2, batch)] * len(tail), chosen
-        assert abs(ctrl.acceptance - 0.8) < 0.15
+        assert abs(ctrl.estimates.acceptance - 0.8) < 0.15
 
 
 def test_catch_up_cost_of_the_first_probe_step_is_not_held_against_speculation():
@@ -156,17 +158,17 @@ def test_each_sequence_has_its_own_acceptance_shrunk_towards_the_pooled_rate():
         ctrl.choose_k([1, 2])
         ctrl.record_verification(1, 4, 4)  # always fully accepted
         ctrl.record_verification(2, 0, 4)  # always rejected at once
-    pooled = ctrl.acceptance
+    pooled = ctrl.estimates.acceptance
     assert 0.7 < pooled < 0.9  # 4 accepted per 5 trials
-    assert ctrl.sequence_acceptance(1) > 0.95 and ctrl.sequence_acceptance(2) < 0.15
+    assert ctrl.estimates.sequence_acceptance(1) > 0.95 and ctrl.estimates.sequence_acceptance(2) < 0.15
     # A sequence without verifications of its own starts from the pooled rate, not from another's.
-    assert ctrl.sequence_acceptance(3) == pytest.approx(pooled)
+    assert ctrl.estimates.sequence_acceptance(3) == pytest.approx(pooled)
     ctrl.choose_k([2, 3])
-    e = ctrl.batch_expected_tokens(4)
-    assert e == pytest.approx((ctrl.sequence_expected_tokens(2, 4) + ctrl.sequence_expected_tokens(3, 4)) / 2)
-    assert ctrl.sequence_expected_tokens(2, 4) < 1.3 < 4.5 < ctrl.sequence_expected_tokens(1, 4)
+    e = ctrl.estimates.batch_expected_tokens(4)
+    assert e == pytest.approx((ctrl.estimates.sequence_expected_tokens(2, 4) + ctrl.estimates.sequence_expected_tokens(3, 4)) / 2)
+    assert ctrl.estimates.sequence_expected_tokens(2, 4) < 1.3 < 4.5 < ctrl.estimates.sequence_expected_tokens(1, 4)
     ctrl.release(1)
-    assert ctrl.sequence_acceptance(1) == pytest.approx(ctrl.acceptance)
+    assert ctrl.estimates.sequence_acceptance(1) == pytest.approx(ctrl.estimates.acceptance)
 
 
 def test_a_new_request_does_not_inherit_its_predecessors_acceptance():
@@ -217,10 +219,8 @@ def drive_draft(ctrl, batch, alpha, steps, plain=1.0, fixed=0.3, per_token=0.002
             t = sum(pending[i] for i in range(n)) if j == 0 else n
             passes.append((t, fixed + per_token * t))
         for i in range(batch):
-            accepted = 0
+            accepted = accepted_of(rng, alpha, k) if i < n else 0
             if i < n:
-                while accepted < k and rng.random() < alpha:
-                    accepted += 1
                 ctrl.record_verification(i, accepted, k)
             tokens += accepted
             pending[i] = accepted + 1 if i < n else pending[i] + 1

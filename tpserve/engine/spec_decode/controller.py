@@ -146,21 +146,6 @@ class SpecController:
         self.num_probes = 0
         self.probe_seconds = 0.0  # what probe steps cost beyond k = 0's step cost, catch-up included
 
-    @property
-    def acceptance(self) -> float:
-        """Pooled acceptance over all proposal positions."""
-        return self.estimates.acceptance
-
-    def sequence_acceptance(self, seq_id: int) -> float:
-        return self.estimates.sequence_acceptance(seq_id)
-
-    def sequence_expected_tokens(self, seq_id: int, k: int) -> float:
-        return self.estimates.sequence_expected_tokens(seq_id, k)
-
-    def batch_expected_tokens(self, k: int) -> float:
-        """Mean over the batch being planned of the tokens a sequence emits speculating with k."""
-        return self.estimates.batch_expected_tokens(k)
-
     @staticmethod
     def bucket_of(batch_size: int) -> int:
         return max(1, batch_size).bit_length()
@@ -170,7 +155,7 @@ class SpecController:
 
     def predicted_rate(self, b: _Bucket, k: int) -> float:
         """Predicted tokens per second per sequence of speculating with k (0: not at all)."""
-        return self.batch_expected_tokens(k) / b.cost(k).seconds
+        return self.estimates.batch_expected_tokens(k) / b.cost(k).seconds
 
     def _best_k(self, b: _Bucket) -> int:
         """The smallest k predicted within PREFER_SMALLER of the best: a larger k is more sensitive
@@ -222,7 +207,7 @@ class SpecController:
         last probe's cost would now be repaid by the margin?"""
         if not self.free_proposals or b.probe_cost_ratio is None or b.steps - b.probe_ended < WARMUP_STEPS:
             return False
-        return self.batch_expected_tokens(self.probe_k) > b.probe_cost_ratio / (1 - PREFER_SMALLER)
+        return self.estimates.batch_expected_tokens(self.probe_k) > b.probe_cost_ratio / (1 - PREFER_SMALLER)
 
     def record_step(self, batch_size: int, k: int, num_spec: int, tokens: int, seconds: float,
                     draft_passes: list[tuple[int, float]] = ()) -> None:
@@ -235,7 +220,6 @@ class SpecController:
         if num_spec == 0 or k == 0:
             b.cost(0).add(seconds, self.smoothing)
         elif b.probe is not None and k == self.probe_k:
-            self.probe_seconds += seconds - b.cost(0).seconds
             self._record_probe(b, batch_size, num_spec, tokens, seconds, list(draft_passes))
         elif num_spec >= batch_size and b.on:
             if b.skip_next:
@@ -248,35 +232,43 @@ class SpecController:
         p = b.probe
         p.passes += passes
         plain_seconds = b.cost(0).seconds
-        p.spent += seconds - plain_seconds
+        extra = seconds - plain_seconds
+        p.spent += extra
+        self.probe_seconds += extra
         if not p.caught_up:
             p.caught_up = True
             return
         if num_spec >= batch_size:
             b.cost(self.probe_k).add(seconds, self.smoothing)
         p.extra_tokens += tokens - batch_size
-        p.extra_seconds += seconds - plain_seconds
+        p.extra_seconds += extra
         p.draft_seconds += sum(s for _, s in passes)
         p.seq_steps += num_spec
         p.measured += 1
         per_seq_tokens = p.extra_tokens / p.seq_steps
-        whole_seconds = self._whole_batch_seconds(p, plain_seconds, batch_size, per_seq_tokens)
-        wins = self._beats_plain(p, plain_seconds, batch_size, per_seq_tokens)
+        whole_seconds = self._whole_batch_model(p, plain_seconds, batch_size)
+
+        def beats_plain(tokens_per_seq: float, margin: float = PREFER_SMALLER) -> bool:
+            """Would the whole batch, each sequence emitting 1 + tokens_per_seq tokens a step, beat
+            k = 0 by `margin`?"""
+            rate = batch_size * (1 + tokens_per_seq) / whole_seconds(tokens_per_seq)
+            return rate > batch_size / plain_seconds / (1 - margin)
+
+        wins = beats_plain(per_seq_tokens)
         # Clearly losing: it would not win even with the yield seen so far plus OPTIMISM
         # sequence-steps that accepted every proposal (the more steps measured, the less that
         # optimism weighs). Clearly winning: it would win even with OPTIMISM more that accepted
         # nothing. Out of budget: the probe has cost PROBE_BUDGET plain steps (catch-up included),
         # more than a close decision is worth, so it decides on what it has measured.
         hopeful = (p.extra_tokens + OPTIMISM * self.probe_k) / (p.seq_steps + OPTIMISM)
-        clearly_losing = not self._beats_plain(p, plain_seconds, batch_size, hopeful)
+        clearly_losing = not beats_plain(hopeful)
         enough = p.measured >= PROBE_STEPS and (
-            p.seq_steps >= PROBE_SEQ_STEPS
-            or self._beats_plain(p, plain_seconds, batch_size, p.extra_tokens / (p.seq_steps + OPTIMISM)))
+            p.seq_steps >= PROBE_SEQ_STEPS or beats_plain(p.extra_tokens / (p.seq_steps + OPTIMISM)))
         out_of_budget = p.measured >= COST_SAMPLES and p.spent >= PROBE_BUDGET * plain_seconds
         if not (enough or clearly_losing or out_of_budget):
             return
         b.probe = None
-        b.probe_cost_ratio = whole_seconds / plain_seconds
+        b.probe_cost_ratio = whole_seconds(per_seq_tokens) / plain_seconds
         b.probe_ended = b.steps
         if wins and not clearly_losing:
             b.on = True
@@ -285,29 +277,28 @@ class SpecController:
         else:
             # Lost on cost alone (even full acceptance would not match k = 0): that is a property of
             # the machine and the batch size, not of the text, so re-probe only after MAX_REPROBE.
-            self._switch_off(b, hopeless=not self._beats_plain(p, plain_seconds, batch_size, self.probe_k, 0.0))
+            self._switch_off(b, hopeless=not beats_plain(self.probe_k, 0.0))
 
-    def _beats_plain(self, p: _Probe, plain_seconds: float, batch_size: int, per_seq_tokens: float,
-                     margin: float = PREFER_SMALLER) -> bool:
-        """Would the whole batch speculating with probe_k, each sequence emitting 1 + per_seq_tokens
-        tokens a step, beat k = 0 by `margin`?"""
-        seconds = self._whole_batch_seconds(p, plain_seconds, batch_size, per_seq_tokens)
-        return batch_size * (1 + per_seq_tokens) / seconds > batch_size / plain_seconds / (1 - margin)
-
-    def _whole_batch_seconds(self, p: _Probe, plain_seconds: float, batch_size: int, per_seq_tokens: float) -> float:
-        """Predicted seconds of a step in which the whole batch speculates with probe_k, each
-        sequence emitting 1 + per_seq_tokens tokens. With draft pass timings: the target's extra
-        (verification rows) per speculating sequence, plus probe_k draft passes costed by a fit of
-        a fixed part and a part per token (the first pass takes each sequence's newly emitted
-        tokens, later ones one token each). Without: every sequence adds what a probed one added."""
+    def _whole_batch_model(self, p: _Probe, plain_seconds: float, batch_size: int):
+        """-> seconds(per_seq_tokens): the predicted seconds of a step in which the whole batch
+        speculates with probe_k, each sequence emitting 1 + per_seq_tokens tokens. With draft pass
+        timings: the target's extra (verification rows) per speculating sequence, plus probe_k
+        draft passes costed by a fit of a fixed part and a part per token (the first pass takes
+        each sequence's newly emitted tokens, later ones one token each). Without: every sequence
+        adds what a probed one added."""
         fit = fit_pass_cost(p.passes)
         if fit is None:
-            return max(plain_seconds + batch_size * p.extra_seconds / p.seq_steps, 1e-9)
+            linear = max(plain_seconds + batch_size * p.extra_seconds / p.seq_steps, 1e-9)
+            return lambda per_seq_tokens: linear
         a, per_token = fit
         verify = max(0.0, p.extra_seconds - p.draft_seconds) / p.seq_steps
         k = self.probe_k
-        draft = k * a + per_token * batch_size * (1 + per_seq_tokens + k - 1)
-        return max(plain_seconds + draft + verify * batch_size, 1e-9)
+
+        def seconds(per_seq_tokens: float) -> float:
+            draft = k * a + per_token * batch_size * (per_seq_tokens + k)
+            return max(plain_seconds + draft + verify * batch_size, 1e-9)
+
+        return seconds
 
     @staticmethod
     def _switch_off(b: _Bucket, hopeless: bool = False) -> None:
