@@ -5,12 +5,9 @@ from __future__ import annotations
 import json
 import platform
 import random
-import sys
 from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def seeded_workload(num_requests: int, vocab_size: int, prompt_range: tuple[int, int],

@@ -65,8 +65,8 @@ def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_gemms(timer: Timer, ceil: dict, dtype: torch.dtype) -> list[dict]:
-    from kernels.w4a16_matmul import w4a16_matmul
-    from kernels.w8a16_matmul import w8a16_matmul
+    from tpserve.kernels.w4a16_matmul import w4a16_matmul
+    from tpserve.kernels.w8a16_matmul import w8a16_matmul
     from tpserve.ops.quant import dequantize_int4, quantize_int4, quantize_int8
 
     rows = []
@@ -102,7 +102,7 @@ def bench_gemms(timer: Timer, ceil: dict, dtype: torch.dtype) -> list[dict]:
 
 
 def bench_decode_attention(timer: Timer, ceil: dict, dtype: torch.dtype, num_heads: int, num_kv: int) -> list[dict]:
-    from kernels.paged_decode import paged_decode_attention
+    from tpserve.kernels.paged_decode import paged_decode_attention
     from tpserve.ops.attention import AttentionMetadata, paged_attention_ref
 
     head_dim, block_size, rows = 128, 16, []

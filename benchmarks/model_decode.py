@@ -31,7 +31,7 @@ def build(shape: str, variant: str, device: torch.device, dtype: torch.dtype):
     from tpserve.config import ModelConfig
     from tpserve.distributed import TPGroup
     from tpserve.models import build_model
-    from tpserve.quant import quant_method_for
+    from tpserve.quant.methods import quant_method_for
 
     hf = {"architectures": ["LlamaForCausalLM"], "max_position_embeddings": 4096, **SHAPES[shape]}
     if QUANT[variant]:

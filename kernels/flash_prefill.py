@@ -20,8 +20,6 @@ import torch
 import triton
 import triton.language as tl
 
-from tpserve.ops.attention import AttentionMetadata
-
 
 @triton.jit
 def _write_kv_kernel(
@@ -131,7 +129,11 @@ def flash_prefill(
     v: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    meta: AttentionMetadata,
+    slot_mapping: torch.Tensor,
+    query_start_loc: torch.Tensor,
+    seq_lens: torch.Tensor,
+    block_tables: torch.Tensor,
+    max_query_len: int,
     scale: float,
     sliding_window: int | None = None,
     out: torch.Tensor | None = None,
@@ -142,9 +144,10 @@ def flash_prefill(
     num_stages: int | None = None,
 ) -> torch.Tensor:
     """Write k, v [T, Hkv, D] into k_cache / v_cache [num_blocks, block_size, Hkv, D] at
-    meta.slot_mapping, then attend q [T, Hq, D] causally over each sequence's context
-    (meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len).
-    Returns out [T, Hq, D] in q.dtype (written into `out` when given)."""
+    slot_mapping [T], then attend q [T, Hq, D] causally over each sequence's context:
+    query_start_loc [S + 1] and seq_lens [S] (int32), block_tables [S, max_blocks] (int32),
+    max_query_len the longest query run. Returns out [T, Hq, D] in q.dtype (written into `out`
+    when given)."""
     if q.dim() != 3 or q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"q must be fp16/bf16/fp32 [T, Hq, D], got {q.dtype} {tuple(q.shape)}")
     num_tokens, num_heads, head_dim = q.shape
@@ -159,18 +162,18 @@ def flash_prefill(
             raise ValueError(f"{name} must be [{num_tokens}, {num_kv}, {head_dim}], got {tuple(t.shape)}")
     if k_cache.dtype != q.dtype or v_cache.dtype != q.dtype:
         raise ValueError(f"cache dtype {k_cache.dtype}/{v_cache.dtype} must match q dtype {q.dtype}")
-    meta_tensors = {"slot_mapping": meta.slot_mapping, "query_start_loc": meta.query_start_loc,
-                    "seq_lens": meta.seq_lens, "block_tables": meta.block_tables}
-    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out), *meta_tensors.items()):
+    index_tensors = {"slot_mapping": slot_mapping, "query_start_loc": query_start_loc, "seq_lens": seq_lens,
+                     "block_tables": block_tables}
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out), *index_tensors.items()):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
-    if meta.slot_mapping.shape != (num_tokens,):
-        raise ValueError(f"slot_mapping must be [{num_tokens}], got {tuple(meta.slot_mapping.shape)}")
-    num_seqs = meta.seq_lens.shape[0]
-    if meta.query_start_loc.shape != (num_seqs + 1,) or meta.block_tables.dim() != 2:
+    if slot_mapping.shape != (num_tokens,):
+        raise ValueError(f"slot_mapping must be [{num_tokens}], got {tuple(slot_mapping.shape)}")
+    num_seqs = seq_lens.shape[0]
+    if query_start_loc.shape != (num_seqs + 1,) or block_tables.dim() != 2:
         raise ValueError(f"query_start_loc must be [{num_seqs + 1}] and block_tables 2-D, got "
-                         f"{tuple(meta.query_start_loc.shape)} and {tuple(meta.block_tables.shape)}")
-    if meta.block_tables.stride(1) != 1 or not meta.query_start_loc.is_contiguous() or not meta.seq_lens.is_contiguous():
+                         f"{tuple(query_start_loc.shape)} and {tuple(block_tables.shape)}")
+    if block_tables.stride(1) != 1 or not query_start_loc.is_contiguous() or not seq_lens.is_contiguous():
         raise ValueError("block_tables rows, query_start_loc and seq_lens must be contiguous")
     if sliding_window is not None and sliding_window < 1:
         raise ValueError(f"sliding_window must be >= 1 or None, got {sliding_window}")
@@ -186,7 +189,7 @@ def flash_prefill(
     cache_block = k_cache.shape[1]
     block_d = max(16, triton.next_power_of_2(head_dim))
     _write_kv_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, meta.slot_mapping,
+        k, v, k_cache, v_cache, slot_mapping,
         k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         NUM_KV=num_kv, HEAD_DIM=head_dim, CACHE_BLOCK=cache_block,
@@ -196,13 +199,13 @@ def flash_prefill(
     on_gpu = q.is_cuda
     bm = block_m or (64 if on_gpu else 16)
     bn = block_n or (64 if on_gpu else 16)
-    grid = (num_seqs, triton.cdiv(meta.max_query_len, bm), num_heads)
+    grid = (num_seqs, triton.cdiv(max_query_len, bm), num_heads)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
         scale * math.log2(math.e), sliding_window or 0,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        meta.block_tables.stride(0),
+        block_tables.stride(0),
         GQA_GROUP=num_heads // num_kv, CACHE_BLOCK=cache_block, HEAD_DIM=head_dim, BLOCK_D=block_d,
         BLOCK_M=bm, BLOCK_N=bn, SLIDING=sliding_window is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else None,

@@ -11,9 +11,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._gemm_config import pick_gemm_config
-from kernels._tiles import grouped_tile
-from kernels.splitk_reduce import splitk_reduce
+from ._gemm_config import pick_gemm_config
+from ._tiles import grouped_tile
+from .splitk_reduce import splitk_reduce
 
 _ACT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 

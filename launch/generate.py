@@ -16,17 +16,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tpserve.config import ConfigError  # noqa: E402
-from tpserve.distributed import DistEnv, destroy_distributed, init_distributed  # noqa: E402
-from tpserve.engine.sampling_params import SamplingParams  # noqa: E402
-from tpserve.engine.setup import add_engine_args, build_runtime, engine_args_from  # noqa: E402
-from tpserve.engine.worker import run_worker  # noqa: E402
-from tpserve.generation_io import InputError, read_requests, write_results  # noqa: E402
-from tpserve.weights import CheckpointError  # noqa: E402
+from tpserve.config import ConfigError
+from tpserve.distributed import DistEnv, destroy_distributed, init_distributed
+from tpserve.engine.sampling_params import SamplingParams
+from tpserve.engine.setup import add_engine_args, build_runtime, engine_args_from
+from tpserve.engine.worker import run_worker
+from tpserve.generation_io import InputError, read_requests, write_results
+from tpserve.weights import CheckpointError
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -19,13 +19,11 @@ import signal
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from tpserve.config import ConfigError  # noqa: E402
-from tpserve.distributed import DistEnv, destroy_distributed, init_distributed  # noqa: E402
-from tpserve.engine.setup import add_engine_args, build_runtime, engine_args_from  # noqa: E402
-from tpserve.engine.worker import run_worker  # noqa: E402
-from tpserve.weights import CheckpointError  # noqa: E402
+from tpserve.config import ConfigError
+from tpserve.distributed import DistEnv, destroy_distributed, init_distributed
+from tpserve.engine.setup import add_engine_args, build_runtime, engine_args_from
+from tpserve.engine.worker import run_worker
+from tpserve.weights import CheckpointError
 
 logger = logging.getLogger("tpserve.serve")
 

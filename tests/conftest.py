@@ -1,12 +1,7 @@
 import os
-import sys
-from pathlib import Path
 
 # The Triton interpreter must be chosen before any @triton.jit function is defined.
 os.environ.setdefault("TRITON_INTERPRET", "1")
-
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

@@ -12,7 +12,7 @@ from pathlib import Path
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from dist_harness import free_port
+from tests.dist_harness import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 READINESS = "tpserve.v1.Generation"

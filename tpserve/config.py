@@ -14,13 +14,12 @@ from typing import Any
 
 import torch
 
+from tpserve.errors import ConfigError
+from tpserve.quant.config import QuantConfig
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ConfigError(ValueError):
-    """A user-supplied configuration value is invalid; the message names the value and the limit."""
 
 
 def parse_dtype(name: str | torch.dtype | None, default: torch.dtype = torch.float32) -> torch.dtype:
@@ -92,6 +91,7 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32
+    quant: QuantConfig | None = None  # the checkpoint's quantization_config; None for float weights
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -141,6 +141,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=parse_dtype(dtype, config_dtype),
+            quant=QuantConfig.from_hf(hf),
             hf_config=hf,
         )
         cfg.validate()
@@ -149,11 +150,8 @@ class ModelConfig:
     @property
     def quantization(self) -> str:
         """"none", or the checkpoint's quantisation label ("int8", "int4-g128", "gptq-4bit-g128",
-        "awq-4bit-g128"); raises ConfigError for an unsupported quantization_config."""
-        from tpserve.quant.config import QuantConfig  # tpserve.quant imports this module
-
-        quant = QuantConfig.from_hf(self.hf_config)
-        return "none" if quant is None else quant.name
+        "awq-4bit-g128")."""
+        return "none" if self.quant is None else self.quant.name
 
     def validate(self) -> None:
         if self.num_attention_heads % self.num_key_value_heads:
@@ -165,28 +163,44 @@ class ModelConfig:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 
     def check_tp(self, tp_size: int) -> None:
-        """Fail with a clear message when the model cannot be split `tp_size` ways."""
+        """Fail with a clear message when the model, or its quantised checkpoint, cannot be split
+        `tp_size` ways."""
+        problem = self._float_tp_problem(tp_size)
+        if problem is not None:
+            raise ConfigError(problem)
+        problem = self.quant_tp_problem(tp_size)
+        if problem is not None:
+            raise ConfigError(f"{self.quant.name} checkpoint cannot run at tp_size={tp_size}: {problem}; "
+                              f"supported tp sizes: {self.supported_tp_sizes()}")
+
+    def quant_tp_problem(self, tp_size: int, quant: QuantConfig | None = None) -> str | None:
+        """Why `quant` (default: this checkpoint's) cannot be split `tp_size` ways, or None."""
+        quant = quant or self.quant
+        if quant is None:
+            return None
+        return quant.tp_problem(self.hidden_size, self.num_attention_heads * self.head_dim,
+                                self.intermediate_size, tp_size)
+
+    def supported_tp_sizes(self, quant: QuantConfig | None = None) -> list[int]:
+        """TP sizes both the float model (heads, kv heads, intermediate) and the checkpoint allow."""
+        return [tp for tp in range(1, self.num_attention_heads + 1)
+                if self._float_tp_problem(tp) is None and self.quant_tp_problem(tp, quant) is None]
+
+    def _float_tp_problem(self, tp_size: int) -> str | None:
         if tp_size < 1:
-            raise ConfigError(f"tp_size={tp_size} must be >= 1")
+            return f"tp_size={tp_size} must be >= 1"
         if self.num_attention_heads % tp_size:
-            raise ConfigError(
-                f"tp_size={tp_size} does not divide num_attention_heads={self.num_attention_heads}; "
-                f"use a tp_size that divides {self.num_attention_heads}"
-            )
+            return (f"tp_size={tp_size} does not divide num_attention_heads={self.num_attention_heads}; "
+                    f"use a tp_size that divides {self.num_attention_heads}")
         kv = self.num_key_value_heads
         if kv >= tp_size and kv % tp_size:
-            raise ConfigError(
-                f"tp_size={tp_size} does not divide num_key_value_heads={kv}"
-            )
+            return f"tp_size={tp_size} does not divide num_key_value_heads={kv}"
         if kv < tp_size and tp_size % kv:
-            raise ConfigError(
-                f"num_key_value_heads={kv} does not divide tp_size={tp_size}, so kv heads "
-                "cannot be replicated evenly"
-            )
+            return (f"num_key_value_heads={kv} does not divide tp_size={tp_size}, so kv heads "
+                    "cannot be replicated evenly")
         if self.intermediate_size % tp_size:
-            raise ConfigError(
-                f"tp_size={tp_size} does not divide intermediate_size={self.intermediate_size}"
-            )
+            return f"tp_size={tp_size} does not divide intermediate_size={self.intermediate_size}"
+        return None
 
 
 @dataclass(frozen=True)

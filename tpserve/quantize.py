@@ -70,7 +70,7 @@ def tp_report(model_config: ModelConfig, quant: QuantConfig) -> tuple[list[int],
             model_config.check_tp(tp)
         except ConfigError:
             continue
-        problem = quant.tp_problem(model_config, tp)
+        problem = model_config.quant_tp_problem(tp, quant)
         if problem is None:
             supported.append(tp)
         else:

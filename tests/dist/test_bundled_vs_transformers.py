@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_harness import run_ranks
+from tests.dist_harness import run_ranks
 from tpserve.bundled import DEFAULT_MODEL_DIR
 
 PROMPTS = ["def fibonacci(n):\n", "import os\n\n\ndef list_files(root):\n", "class Stack:\n    def __init__(self):\n"]

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_harness import run_ranks, watch_scheduler
-from tiny_models import build_tiny_model, load_hf
+from tests.dist_harness import run_ranks, watch_scheduler
+from tests.tiny_models import build_tiny_model, load_hf
 
 NUM_PROMPTS = 64
 MAX_TOKENS = 12

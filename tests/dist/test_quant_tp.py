@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from dist_harness import run_ranks
-from tiny_models import build_quantized_tiny, build_tiny_model, dequantize_int4_ragged
+from tests.dist_harness import run_ranks
+from tests.tiny_models import build_quantized_tiny, build_tiny_model, dequantize_int4_ragged
 
 LOGIT_RTOL = 1e-4
 GROUP = 32

@@ -7,8 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_harness import run_ranks, watch_scheduler
-from tiny_models import build_tiny_model
+from tests.dist_harness import run_ranks, watch_scheduler
+from tests.tiny_models import build_tiny_model
 
 MAX_TOKENS = 20
 

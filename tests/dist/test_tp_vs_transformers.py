@@ -9,8 +9,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dist_harness import run_ranks
-from tiny_models import TINY_MODELS, build_tiny_model, load_hf
+from tests.dist_harness import run_ranks
+from tests.tiny_models import TINY_MODELS, build_tiny_model, load_hf
 
 LOGIT_RTOL = 1e-4
 PROMPT_LENS = (3, 9, 17, 30)

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from dist_harness import free_port
-from tiny_models import build_tiny_model, load_hf
+from tests.dist_harness import free_port
+from tests.tiny_models import build_tiny_model, load_hf
 
 ROOT = Path(__file__).resolve().parents[2]
 GENERATE = str(ROOT / "launch" / "generate.py")

@@ -13,8 +13,8 @@ import pytest
 import torch
 from grpc_health.v1 import health_pb2
 
-from server_proc import ServerProc
-from tiny_models import build_tiny_model_with_tokenizer, load_hf
+from tests.server_proc import ServerProc
+from tests.tiny_models import build_tiny_model_with_tokenizer, load_hf
 from tpserve.client import Client, build_request
 from tpserve.v1 import generation_pb2 as pb
 

@@ -28,7 +28,7 @@ def test_quantised_matmuls_bf16():
 
 
 def test_model_on_gpu_matches_transformers_and_reference():
-    from tiny_models import load_hf
+    from tests.tiny_models import load_hf
     from tpserve.bundled import DEFAULT_MODEL_DIR
     from tpserve.config import CacheConfig, ModelConfig
     from tpserve.distributed import TPGroup

@@ -1,20 +1,9 @@
-"""Shared builders for the kernel tests (run under TRITON_INTERPRET=1, set by tests/conftest.py).
+"""Shared builders for the kernel tests (run under TRITON_INTERPRET=1, set by tests/conftest.py)."""
 
-The repository root goes first on sys.path: tests/ is also on it (tests/conftest.py), and this
-directory, tests/kernels, would otherwise be importable as a namespace package named `kernels`.
-"""
+import pytest
+import torch
 
-import sys
-from pathlib import Path
-
-ROOT = str(Path(__file__).resolve().parents[2])
-if ROOT not in sys.path[:1]:
-    sys.path.insert(0, ROOT)
-
-import pytest  # noqa: E402
-import torch  # noqa: E402
-
-from tpserve.ops.attention import AttentionMetadata  # noqa: E402
+from tpserve.ops.attention import AttentionMetadata
 
 # (atol, rtol) per dtype for outputs of magnitude ~1: fp32 only differs by summation order;
 # fp16 rounds inputs / probabilities / dequantised weights once to an 11-bit mantissa.

@@ -10,10 +10,8 @@ Run it in a process WITHOUT TRITON_INTERPRET; prints one line per compiled launc
 import os
 import sys
 import time
-from pathlib import Path
 
 assert not os.environ.get("TRITON_INTERPRET"), "run without TRITON_INTERPRET"
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 import torch  # noqa: E402
 import triton  # noqa: E402
@@ -53,11 +51,10 @@ def _compile(fn, args, kwargs):
 
 
 def _calls():
-    from kernels.flash_prefill import flash_prefill
-    from kernels.paged_decode import paged_decode_attention
-    from kernels.w4a16_matmul import w4a16_matmul
-    from kernels.w8a16_matmul import w8a16_matmul
-    from tpserve.ops.attention import AttentionMetadata
+    from tpserve.kernels.flash_prefill import flash_prefill
+    from tpserve.kernels.paged_decode import paged_decode_attention
+    from tpserve.kernels.w4a16_matmul import w4a16_matmul
+    from tpserve.kernels.w8a16_matmul import w8a16_matmul
 
     bf16 = torch.bfloat16
     k, n = 512, 256
@@ -74,13 +71,13 @@ def _calls():
 
     hq, hkv, d, bs = 32, 8, 128, 16
     cache = torch.zeros(64, bs, hkv, d, dtype=bf16)
-    meta = AttentionMetadata(torch.zeros(8, dtype=torch.int64), torch.tensor([0, 8], dtype=torch.int32),
-                             torch.tensor([8], dtype=torch.int32), torch.zeros(1, 64, dtype=torch.int32),
-                             [0, 8], [8], 8, 8)
+    # slot_mapping, query_start_loc, seq_lens, block_tables, max_query_len
+    index = (torch.zeros(8, dtype=torch.int64), torch.tensor([0, 8], dtype=torch.int32),
+             torch.tensor([8], dtype=torch.int32), torch.zeros(1, 64, dtype=torch.int32), 8)
     q, kv = torch.zeros(8, hq, d, dtype=bf16), torch.zeros(8, hkv, d, dtype=bf16)
     attn = dict(block_m=64, block_n=64, num_warps=8, num_stages=3)
-    yield "flash_prefill bf16 window", lambda: flash_prefill(q, kv, kv, cache, cache, meta, 0.08, 4096, **attn)
-    yield "flash_prefill fp16", lambda: flash_prefill(q.half(), kv.half(), kv.half(), cache.half(), cache.half(), meta, 0.08, **attn)
+    yield "flash_prefill bf16 window", lambda: flash_prefill(q, kv, kv, cache, cache, *index, 0.08, 4096, **attn)
+    yield "flash_prefill fp16", lambda: flash_prefill(q.half(), kv.half(), kv.half(), cache.half(), cache.half(), *index, 0.08, **attn)
     qd, tables, lens = torch.zeros(4, hq, d, dtype=bf16), torch.zeros(4, 64, dtype=torch.int32), torch.ones(4, dtype=torch.int32)
     yield "paged_decode bf16 split", lambda: paged_decode_attention(qd, cache, cache, tables, lens, 0.08, None, 256, block_n=64, num_stages=3)
     yield "paged_decode bf16 one-pass window", lambda: paged_decode_attention(qd, cache, cache, tables, lens, 0.08, 128, 1024, block_n=64, num_stages=3)

@@ -1,10 +1,15 @@
-"""kernels.flash_prefill against write_kv_cache + paged_attention_ref (Triton interpreter)."""
+"""tpserve.kernels.flash_prefill against write_kv_cache + paged_attention_ref (Triton interpreter)."""
 
 import pytest
 import torch
 
-from kernels.flash_prefill import flash_prefill
+from tpserve.kernels.flash_prefill import flash_prefill
 from tpserve.ops.attention import paged_attention_ref, write_kv_cache
+
+
+def index_args(meta):
+    """The kernel's index tensors and sizes, from the metadata the reference takes."""
+    return meta.slot_mapping, meta.query_start_loc, meta.seq_lens, meta.block_tables, meta.max_query_len
 
 
 def _run_and_check(batch, dtype, scale, window, assert_close, **blocks):
@@ -13,8 +18,8 @@ def _run_and_check(batch, dtype, scale, window, assert_close, **blocks):
     expected = paged_attention_ref(batch.q, ref_k, ref_v, batch.meta, scale, window)
 
     out = torch.full_like(batch.q, float("nan"))
-    got = flash_prefill(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, batch.meta, scale, window,
-                        out=out, **blocks)
+    got = flash_prefill(batch.q, batch.k, batch.v, batch.k_cache, batch.v_cache, *index_args(batch.meta), scale,
+                        window, out=out, **blocks)
     assert got.data_ptr() == out.data_ptr()
     assert_close(got, expected, dtype)
     # The cache now holds the new K/V at their slots and nothing else changed (NaN included).
@@ -48,7 +53,7 @@ def test_sliding_window_mqa_non_power_of_two_head_dim(paged_batch, assert_close)
 
 def test_errors_name_the_bad_value(paged_batch):
     batch = paged_batch([5], [5], 4, 2, 16, block_size=4, dtype=torch.float32)
-    args = (batch.k_cache, batch.v_cache, batch.meta, 0.25)
+    args = (batch.k_cache, batch.v_cache, *index_args(batch.meta), 0.25)
     with pytest.raises(ValueError, match=r"k must be \[5, 2, 16\]"):
         flash_prefill(batch.q, batch.k[:, :1], batch.v, *args)
     with pytest.raises(ValueError, match="does not fit q heads=3"):

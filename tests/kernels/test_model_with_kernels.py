@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tiny_models import build_tiny_model
+from tests.tiny_models import build_tiny_model
 from tpserve.config import CacheConfig, ModelConfig
 from tpserve.distributed import TPGroup
 from tpserve.engine.model_runner import ModelRunner

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.paged_decode import paged_decode_attention
+from tpserve.kernels.paged_decode import paged_decode_attention
 from tpserve.ops.attention import paged_attention_ref, write_kv_cache
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.w4a16_matmul import w4a16_matmul
+from tpserve.kernels.w4a16_matmul import w4a16_matmul
 from tpserve.ops.quant import dequantize_int4, pack_int4, quantize_int4, unpack_int4, w4a16_matmul_ref
 
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernels.w8a16_matmul import w8a16_matmul
+from tpserve.kernels.w8a16_matmul import w8a16_matmul
 from tpserve.ops.quant import quantize_int8, w8a16_matmul_ref
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny_models import build_tiny_model
+from tests.tiny_models import build_tiny_model
 from tpserve.config import CacheConfig, ConfigError, ModelConfig
 from tpserve.distributed import TPGroup
 from tpserve.models import build_model

@@ -10,9 +10,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tiny_models import awq_tensors, dequantize_int4_ragged, gptq_tensors
+from tests.tiny_models import awq_tensors, dequantize_int4_ragged, gptq_tensors
 from tpserve.config import ConfigError
-from dist_harness import LocalGroup, local_ranks
+from tests.dist_harness import LocalGroup, local_ranks
 from tpserve.distributed import TPGroup
 from tpserve.layers.linear import (
     ColumnParallelLinear,
@@ -22,7 +22,9 @@ from tpserve.layers.linear import (
 )
 from tpserve.layers.sources import InMemorySource
 from tpserve.ops.quant import dequantize_int4, quantize_int8
-from tpserve.quant import QuantConfig, QuantFormatError, get_quant_method
+from tpserve.quant.config import QuantConfig
+from tpserve.quant.formats import QuantFormatError
+from tpserve.quant.methods import get_quant_method
 from tpserve.quantize import quantize_tensor
 
 
@@ -232,10 +234,10 @@ def test_gptq_zero_bias_of_biasless_layer_accepted_nonzero_refused(tiny_dir, tmp
 
     from safetensors.torch import load_file, save_file
 
-    from tiny_models import build_quantized_tiny
+    from tests.tiny_models import build_quantized_tiny
     from tpserve.config import ModelConfig
     from tpserve.models import build_model
-    from tpserve.quant import quant_method_for
+    from tpserve.quant.methods import quant_method_for
     from tpserve.weights import CheckpointError, load_weights
 
     qdir, _ = build_quantized_tiny(tiny_dir, "llama_gqa", "gptq", 32)

@@ -11,11 +11,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from tiny_models import build_tiny_model
+from tests.tiny_models import build_tiny_model
 from tpserve.config import ConfigError, ModelConfig
 from tpserve.distributed import TPGroup
 from tpserve.models import build_model
-from tpserve.quant import quant_method_for
+from tpserve.quant.methods import quant_method_for
 from tpserve.quantize import main, quantize_checkpoint
 from tpserve.weights import CheckpointError, load_weights
 

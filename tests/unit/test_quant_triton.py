@@ -3,25 +3,18 @@ equal the torch reference path, act-order gather and padding included."""
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
-# The repository's `kernels` package must win over tests/kernels (a namespace package on sys.path).
-ROOT = str(Path(__file__).resolve().parents[2])
-if ROOT not in sys.path[:1]:
-    sys.path.insert(0, ROOT)
-
-from tiny_models import gptq_tensors  # noqa: E402
-from dist_harness import LocalGroup  # noqa: E402
-from tpserve.distributed import TPGroup  # noqa: E402
-from tpserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear  # noqa: E402
-from tpserve.layers.sources import InMemorySource  # noqa: E402
-from tpserve.ops.dispatch import triton_available, use_backend  # noqa: E402
-from tpserve.ops.quant import quantize_int8  # noqa: E402
-from tpserve.quant import QuantConfig, get_quant_method  # noqa: E402
+from tests.tiny_models import gptq_tensors
+from tests.dist_harness import LocalGroup
+from tpserve.distributed import TPGroup
+from tpserve.layers.linear import MergedColumnParallelLinear, RowParallelLinear
+from tpserve.layers.sources import InMemorySource
+from tpserve.ops.dispatch import triton_available, use_backend
+from tpserve.ops.quant import quantize_int8
+from tpserve.quant.config import QuantConfig
+from tpserve.quant.methods import get_quant_method
 
 pytestmark = pytest.mark.skipif(not triton_available(), reason="triton not installed")
 

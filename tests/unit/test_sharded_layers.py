@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from dist_harness import local_ranks
+from tests.dist_harness import local_ranks
 from tpserve.distributed import TPGroup
 from tpserve.layers.embedding import ParallelLMHead, VocabParallelEmbedding
 from tpserve.layers.linear import (

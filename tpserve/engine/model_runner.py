@@ -13,7 +13,7 @@ from tpserve.distributed import TPGroup
 from tpserve.engine.step import StepPlan
 from tpserve.models import build_model
 from tpserve.ops.attention import AttentionMetadata
-from tpserve.quant import quant_method_for
+from tpserve.quant.methods import quant_method_for
 from tpserve.weights import load_weights
 
 logger = logging.getLogger(__name__)

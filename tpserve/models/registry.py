@@ -25,8 +25,6 @@ def build_model(config: ModelConfig, tp: TPGroup, quant=None) -> nn.Module:
         raise ConfigError(
             f"architecture {config.architecture!r} is not supported; supported: {sorted(MODEL_REGISTRY)}"
         )
-    config.check_tp(tp.tp_size)
-    if quant is not None:
-        quant.check_tp(config, tp.tp_size)  # groups vs row-parallel shards, before any allocation
+    config.check_tp(tp.tp_size)  # heads, and quantisation groups vs row-parallel shards, before any allocation
     with tp.device:
         return cls(config, tp, quant).eval()

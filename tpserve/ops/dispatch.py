@@ -3,7 +3,7 @@
 The backend is one process-wide switch: "auto" (default: Triton when the tensors are on CUDA and
 Triton imports, torch otherwise), "triton" (always the kernels; on CPU tensors this only works
 under TRITON_INTERPRET=1) or "torch" (always the references, e.g. to compare or benchmark).
-`kernels.*` (and so `triton`) is imported only when a call actually takes the Triton path, so
+`tpserve.kernels.*` (and so `triton`) is imported only when a call actually takes the Triton path, so
 this module imports on machines without Triton.
 """
 
@@ -78,14 +78,15 @@ def attention(
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)
     if meta.max_query_len == 1 and q.shape[0] == meta.num_seqs:
-        from kernels.paged_decode import paged_decode_attention
+        from tpserve.kernels.paged_decode import paged_decode_attention
 
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_decode_attention(q, k_cache, v_cache, meta.block_tables, meta.seq_lens, scale,
                                       sliding_window, max_seq_len=meta.max_seq_len)
-    from kernels.flash_prefill import flash_prefill
+    from tpserve.kernels.flash_prefill import flash_prefill
 
-    return flash_prefill(q, k, v, k_cache, v_cache, meta, scale, sliding_window)
+    return flash_prefill(q, k, v, k_cache, v_cache, meta.slot_mapping, meta.query_start_loc, meta.seq_lens,
+                         meta.block_tables, meta.max_query_len, scale, sliding_window)
 
 
 # On CPU, a GEMM with 2..CPU_WEIGHT_STATIONARY_MAX_ROWS rows of x (speculative verification at
@@ -112,7 +113,7 @@ def w8a16_matmul(
     """x [..., K] @ (qweight int8 [N, K] * scale [N])^T + bias [N] -> [..., N] in x.dtype."""
     x2 = _flatten(x)
     if _use_triton(x):
-        from kernels.w8a16_matmul import w8a16_matmul as kernel
+        from tpserve.kernels.w8a16_matmul import w8a16_matmul as kernel
 
         y = kernel(x2, qweight, scale, bias)
     else:
@@ -132,7 +133,7 @@ def w4a16_matmul(
     -> [..., N] in x.dtype (layout: tpserve.ops.quant)."""
     x2 = _flatten(x)
     if _use_triton(x):
-        from kernels.w4a16_matmul import w4a16_matmul as kernel
+        from tpserve.kernels.w4a16_matmul import w4a16_matmul as kernel
 
         y = kernel(x2, qweight, scales, zeros, group_size, bias)
     else:

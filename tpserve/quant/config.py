@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from tpserve.config import ConfigError, ModelConfig
+from tpserve.errors import ConfigError
 
 METHODS = ("tpserve", "gptq", "awq")
 GPTQ_FORMATS = ("gptq", "gptq_v2")
@@ -98,8 +98,10 @@ class QuantConfig:
         return cls("awq", 4, group, sym=False)
 
     # --- tensor-parallel limits -----------------------------------------------------------------
-    def tp_problem(self, config: ModelConfig, tp_size: int) -> str | None:
+    def tp_problem(self, hidden_size: int, attn_size: int, intermediate_size: int, tp_size: int) -> str | None:
         """Why a `tp_size`-way split of this checkpoint is impossible, or None when it is fine.
+        The K sizes (input features) are the model's: hidden_size for q/k/v/gate/up_proj,
+        attn_size (heads x head_dim) for o_proj, intermediate_size for down_proj.
 
         K must be a multiple of 8 (int32 packs); it may end in a partial group where it is not
         split (column-parallel layers, TP = 1). Row-parallel layers (o_proj, down_proj) give each
@@ -108,8 +110,8 @@ class QuantConfig:
         if self.bits == 8:
             return None
         g = self.group_size
-        row = {"o_proj": config.num_attention_heads * config.head_dim, "down_proj": config.intermediate_size}
-        col = {"q/k/v/gate/up_proj": config.hidden_size}
+        row = {"o_proj": attn_size, "down_proj": intermediate_size}
+        col = {"q/k/v/gate/up_proj": hidden_size}
         for name, k in {**col, **row}.items():
             if k % 8:
                 return f"{name} has K={k} input features, not a multiple of 8 (the int32 packing)"
@@ -126,24 +128,6 @@ class QuantConfig:
                         f"not a multiple of {unit}, so a rank's shard would cut {what}")
         return None
 
-    def supported_tp_sizes(self, config: ModelConfig) -> list[int]:
-        """TP sizes that both the float model (heads, kv heads, intermediate) and this checkpoint allow."""
-        sizes = []
-        for tp in range(1, config.num_attention_heads + 1):
-            try:
-                config.check_tp(tp)
-            except ConfigError:
-                continue
-            if self.tp_problem(config, tp) is None:
-                sizes.append(tp)
-        return sizes
-
-    def check_tp(self, config: ModelConfig, tp_size: int) -> None:
-        problem = self.tp_problem(config, tp_size)
-        if problem is not None:
-            raise ConfigError(f"{self.name} checkpoint cannot run at tp_size={tp_size}: {problem}; "
-                              f"supported tp sizes: {self.supported_tp_sizes(config)}")
-
 
 def _check_group(method: str, group) -> None:
     if group == -1:
@@ -152,7 +136,3 @@ def _check_group(method: str, group) -> None:
     if not isinstance(group, int) or isinstance(group, bool) or group <= 0 or group % GROUP_MULTIPLE:
         raise ConfigError(f"{method} group_size={group!r} is not supported; it must be a positive multiple of "
                           f"{GROUP_MULTIPLE} (e.g. 32, 64, 128)")
-
-
-def quant_config_of(config: ModelConfig) -> QuantConfig | None:
-    return QuantConfig.from_hf(config.hf_config)

@@ -23,11 +23,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tpserve.config import ConfigError, ModelConfig
+from tpserve.config import ModelConfig
+from tpserve.errors import ConfigError
 from tpserve.layers.linear import ShardPlan
 from tpserve.layers.sources import TensorSource, check_shape
 from tpserve.ops.dispatch import w4a16_matmul, w8a16_matmul
-from tpserve.quant.config import QuantConfig, quant_config_of
+from tpserve.quant.config import QuantConfig
 from tpserve.quant.formats import (
     Int4Shard,
     QuantFormatError,
@@ -53,9 +54,6 @@ class QuantMethodBase:
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
         self.name = config.name
-
-    def check_tp(self, model_config: ModelConfig, tp_size: int) -> None:
-        self.config.check_tp(model_config, tp_size)
 
 
 class Int8LinearMethod(QuantMethodBase):
@@ -191,4 +189,4 @@ def get_quant_method(config: QuantConfig | None):
 
 def quant_method_for(model_config: ModelConfig):
     """The linear method that `model_config`'s quantization_config asks for, or None."""
-    return get_quant_method(quant_config_of(model_config))
+    return get_quant_method(model_config.quant)

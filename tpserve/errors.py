@@ -1,0 +1,48 @@
+"""Errors a user can cause, each with a message that names the bad value and the limit.
+
+`ConfigError` is a bad flag, config.json or checkpoint: the process refuses to start. A
+`RequestError` fails one request and nothing else; its `kind` says which protocol status each
+front end answers with (tpserve.v1 and OIP v2 map it to gRPC status codes, HTTP to a status).
+"""
+
+from __future__ import annotations
+
+
+class ConfigError(ValueError):
+    """A user-supplied configuration value is invalid."""
+
+
+class RequestError(Exception):
+    """One request cannot be served; `kind` is protocol-neutral."""
+
+    kind = "internal"
+
+
+class InvalidRequest(RequestError, ValueError):
+    """A bad field: empty prompt, out-of-range sampling value, too long for the model or the cache."""
+
+    kind = "invalid_argument"
+
+
+class Overloaded(RequestError):
+    """The waiting queue is full or the request is too large to accept now."""
+
+    kind = "resource_exhausted"
+
+
+class Unavailable(RequestError):
+    """The server is loading, draining, or its process group has failed."""
+
+    kind = "unavailable"
+
+
+class NotFound(RequestError):
+    """The request names a model (or request id) the server does not have."""
+
+    kind = "not_found"
+
+
+class Unsupported(RequestError):
+    """The served model cannot do what was asked (e.g. tokenise without a tokenizer)."""
+
+    kind = "failed_precondition"
