@@ -21,13 +21,14 @@ def run_tpserve(model_dir, work, dtype, max_num_seqs, max_num_batched_tokens):
     from tpserve.distributed import TPGroup
     from tpserve.engine.sampling_params import SamplingParams
     from tpserve.engine.setup import EngineArgs, build_runtime
+    from tpserve.server.offline import generate
 
     args = EngineArgs(model=str(model_dir), dtype=dtype, max_num_seqs=max_num_seqs,
                       max_num_batched_tokens=max_num_batched_tokens)
     runner, engine = build_runtime(args, TPGroup())
     prompts = [p for p, _ in work]
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in work]
-    engine.generate(prompts[:2], params[:2])  # warm-up
+    generate(engine, prompts[:2], params[:2])  # warm-up
     forward_time = 0.0
     execute = runner.execute
 
@@ -41,7 +42,7 @@ def run_tpserve(model_dir, work, dtype, max_num_seqs, max_num_batched_tokens):
     runner.execute = timed_execute
     steps0 = engine.num_steps
     t0 = time.perf_counter()
-    results = engine.generate(prompts, params)
+    results = generate(engine, prompts, params)
     elapsed = time.perf_counter() - t0
     tokens = sum(len(r.token_ids) for r in results)
     return {"system": "tpserve", "batch": f"continuous<={max_num_seqs}", "output_tokens": tokens,

@@ -124,14 +124,15 @@ def wait_ready(address, timeout=300):
 def offline_throughput(args, work):
     from tpserve.distributed import TPGroup
     from tpserve.engine.sampling_params import SamplingParams
-    from tpserve.engine.setup import EngineArgs, build_runtime
     from tpserve.bundled import DEFAULT_MODEL_DIR
+    from tpserve.engine.setup import EngineArgs, build_runtime
+    from tpserve.server.offline import generate
 
     _, engine = build_runtime(EngineArgs(model=args.model or str(DEFAULT_MODEL_DIR), dtype=args.dtype,
                                          max_num_seqs=args.max_num_seqs), TPGroup())
     params = [SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True) for _, n in work]
     t0 = time.perf_counter()
-    res = engine.generate([p for p, _ in work], params)
+    res = generate(engine, [p for p, _ in work], params)
     return sum(len(r.token_ids) for r in res) / (time.perf_counter() - t0)
 
 

@@ -53,28 +53,32 @@ def heldout_prompts(model_dir, tokenizer, n, prompt_tokens, seed):
 
 
 def _spec_counts(engine) -> tuple[int, int, float]:
-    spec = engine.stats()["speculation"] or {}
-    accepted = spec.get("num_accepted_tokens", 0)
-    mean = spec.get("mean_accepted_length") or 0.0
-    return spec.get("num_proposed_tokens", 0), accepted, accepted / mean if mean else 0.0
+    spec = engine.stats().speculation
+    if spec is None:
+        return 0, 0, 0.0
+    accepted, mean = spec.num_accepted_tokens, spec.mean_accepted_length
+    return spec.num_proposed_tokens, accepted, accepted / mean if mean else 0.0
 
 
 def step_together(engines, prompts, params) -> list[dict]:
     """Serve `prompts` on every engine, one step of each in turn (the first alternates): per engine,
     the seconds of its own steps, its steps and its outputs in prompt order."""
+    from tpserve.server.requests import RequestFactory
+
     runs = []
     for i, engine in enumerate(engines):
         ids = [f"b{engine.num_steps}-{i}-{j}" for j in range(len(prompts))]
+        factory = RequestFactory.for_engine(engine)
         for rid, prompt in zip(ids, prompts):
-            engine.add_request(rid, prompt_token_ids=prompt, params=params)
+            engine.add_sequence(factory.make(rid, prompt_token_ids=prompt, params=params))
         runs.append({"engine": engine, "ids": ids, "tokens": {rid: [] for rid in ids}, "seconds": 0.0,
                      "steps0": engine.num_steps})
     turn = 0
-    while any(r["engine"].has_unfinished_requests() for r in runs):
+    while any(r["engine"].has_work() for r in runs):
         order = runs if turn % 2 == 0 else runs[::-1]
         turn += 1
         for r in order:
-            if not r["engine"].has_unfinished_requests():
+            if not r["engine"].has_work():
                 continue
             t0 = time.perf_counter()
             outs = r["engine"].step()

@@ -23,6 +23,7 @@ from tpserve.engine.sampling_params import SamplingParams
 from tpserve.engine.setup import add_engine_args, build_runtime, engine_args_from
 from tpserve.engine.worker import run_worker
 from tpserve.generation_io import InputError, read_requests, write_results
+from tpserve.server.offline import generate
 from tpserve.weights import CheckpointError
 
 
@@ -50,7 +51,7 @@ def main(argv=None) -> int:
             defaults = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
             requests = read_requests(args.input, defaults)
             prompts = [r[0].get("prompt", r[0].get("prompt_token_ids")) for r in requests]
-            results = engine.generate(prompts, [r[1] for r in requests])
+            results = generate(engine, prompts, [r[1] for r in requests])
         finally:
             engine.shutdown()
         write_results(args.output, results, with_text=engine.tokenizer is not None)

@@ -45,36 +45,30 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def serve_rank0(args, tp) -> int:
     from tpserve.server.app import FrontEnd
+    from tpserve.server.core import ServingCore
     from tpserve.server.engine_loop import EngineLoop
-    from tpserve.server.state import DRAINING, FAILED, SERVING, STOPPED, ServerState
-    from tpserve.v1 import generation_pb2 as pb
+    from tpserve.server.grpc_listener import GrpcListener
+    from tpserve.server.state import DRAINING, FAILED, SERVING, STOPPED, ModelInfo, ServerState
 
     engine_args = engine_args_from(args)
-    name = args.served_model_name or Path(engine_args.model).name
-    state = ServerState(name)
-    front = FrontEnd(state, args.host, args.port, args.max_message_bytes)
+    state = ServerState(args.served_model_name or Path(engine_args.model).name)
+    core = ServingCore(state)
+    front = FrontEnd(state, [GrpcListener(core, args.host, args.port, args.max_message_bytes)])
     front.start()
     drain_requested = []
 
     def on_signal(signum, frame):
         logger.info("received signal %d: draining", signum)
         drain_requested.append(signum)
-        if state.engine_loop is not None:
-            state.engine_loop.begin_drain(args.shutdown_timeout)
+        if state.door is not None:
+            state.door.begin_drain(args.shutdown_timeout)
             front.set_phase(DRAINING)
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    _, engine = build_runtime(engine_args, tp)
+    runner, engine = build_runtime(engine_args, tp)
     loop = EngineLoop(engine, args.max_queued_requests)
-    state.tokenizer = engine.tokenizer
-    state.block_size = engine.block_manager.block_size
-    state.model_info = pb.GetModelInfoResponse(
-        served_model_name=name, architecture=engine_args_model_arch(engine_args.model),
-        max_model_len=engine.scheduler.config.max_model_len, vocab_size=engine.vocab_size, tp_size=tp.tp_size,
-        quantization=engine.driver.runner.model_config.quantization, dtype=str(engine.driver.runner.model_config.dtype).removeprefix("torch."),
-        has_tokenizer=engine.tokenizer is not None)
-    state.engine_loop = loop
+    state.attach(engine, loop, ModelInfo.describe(state.served_model_name, runner.model_config, engine, tp.tp_size))
     front.set_phase(SERVING)
     if drain_requested:
         loop.begin_drain(args.shutdown_timeout)
@@ -88,12 +82,6 @@ def serve_rank0(args, tp) -> int:
     front.set_phase(STOPPED)
     front.stop(grace_s=2.0)
     return 0
-
-
-def engine_args_model_arch(model_dir: str) -> str:
-    from tpserve.config import ModelConfig
-
-    return ModelConfig.from_dir(model_dir).architecture
 
 
 def die_with_launcher() -> None:

@@ -50,7 +50,7 @@ def result_line(index: int, result, with_text: bool) -> dict:
     if result.logprobs:
         out["logprobs"] = [asdict(lp) for lp in result.logprobs]
     if result.speculation:
-        out["speculation"] = result.speculation
+        out["speculation"] = asdict(result.speculation)
     return out
 
 

@@ -20,13 +20,14 @@ def _rank(prompts):
     from tpserve.engine.sampling_params import SamplingParams
     from tpserve.engine.setup import EngineArgs, build_runtime
     from tpserve.engine.worker import run_worker
+    from tpserve.server.offline import generate
 
     tp = init_distributed(device_type="cpu")
     runner, engine = build_runtime(EngineArgs(model=str(DEFAULT_MODEL_DIR), dtype="float32", num_kv_blocks=64), tp)
     if engine is None:
         run_worker(runner)
         return None
-    out = engine.generate(prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
+    out = generate(engine, prompts, SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0))
     engine.shutdown()
     return [(r.prompt_token_ids, r.token_ids, r.text) for r in out]
 

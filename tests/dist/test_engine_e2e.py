@@ -4,6 +4,8 @@ token counts and change nothing in the output."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -22,6 +24,7 @@ def _engine_rank(model_dir, num_blocks, caching, jobs):
     from tpserve.engine.sampling_params import SamplingParams
     from tpserve.engine.setup import EngineArgs, build_runtime
     from tpserve.engine.worker import run_worker
+    from tpserve.server.offline import generate
 
     tp = init_distributed(device_type="cpu")
     args = EngineArgs(model=model_dir, dtype="float32", block_size=BLOCK, num_kv_blocks=num_blocks,
@@ -34,10 +37,10 @@ def _engine_rank(model_dir, num_blocks, caching, jobs):
     results = []
     preemptions = watch_scheduler(engine)
     for batch in jobs:
-        results.append([(r.token_ids, r.num_cached_tokens) for r in engine.generate(batch, params)])
-    stats = engine.stats()
+        results.append([(r.token_ids, r.num_cached_tokens) for r in generate(engine, batch, params)])
+    stats, leftovers = asdict(engine.stats()), engine.leftovers()
     engine.shutdown()
-    return {"results": results, "preemptions": preemptions[0], "stats": stats}
+    return {"results": results, "preemptions": preemptions[0], "stats": stats, "leftovers": leftovers}
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +74,7 @@ def test_many_prompts_with_preemption_match_transformers(model, tp_size):
     mismatched = [i for i, (a, b) in enumerate(zip(got, want)) if a != b]
     assert not mismatched, f"tp={tp_size}: outputs differ from transformers for prompts {mismatched}"
     assert out["stats"]["kv_blocks_in_use"] == 0
+    assert out["leftovers"] == {}, "finished requests must leave nothing in the engine"
     print(f"\ntp={tp_size}: {out['preemptions']} preemptions, outputs identical for {NUM_PROMPTS} prompts")
 
 

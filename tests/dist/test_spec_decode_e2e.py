@@ -4,6 +4,8 @@ after every step; a draft equal to the target is accepted (almost) always."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -18,6 +20,7 @@ def _rank(model_dir, draft_dir, method, num_blocks, prompts, policy):
     from tpserve.engine.sampling_params import SamplingParams
     from tpserve.engine.setup import EngineArgs, build_runtime
     from tpserve.engine.worker import run_worker
+    from tpserve.server.offline import generate
 
     tp = init_distributed(device_type="cpu")
     args = EngineArgs(model=model_dir, dtype="float32", block_size=4, num_kv_blocks=num_blocks, max_num_seqs=16,
@@ -31,17 +34,16 @@ def _rank(model_dir, draft_dir, method, num_blocks, prompts, policy):
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, ignore_eos=True)
     # First half warms the prefix cache; the second half shares its prefixes.
     half = len(prompts) // 2
-    results = engine.generate(prompts[:half], params) + engine.generate(prompts[half:], params)
+    results = generate(engine, prompts[:half], params) + generate(engine, prompts[half:], params)
     engine.block_manager.check_invariants([])
     stats = engine.stats()
     spec = engine.spec
-    # Per-sequence speculation state must go with the sequences.
-    leftover = (len(spec.controller.estimates) + len(spec.per_seq) + len(spec.shadow._pending if spec.shadow else {})
-                if spec is not None else 0)
+    # Per-sequence state (speculation's included) must go with the sequences.
+    leftover = engine.leftovers()
     engine.shutdown()
     return {"tokens": [r.token_ids for r in results], "cached": sum(r.num_cached_tokens for r in results),
-            "preemptions": preemptions[0], "spec": stats["speculation"], "in_use": stats["kv_blocks_in_use"],
-            "leftover": leftover, "pooled_trials": spec.controller.estimates.pooled_trials if spec is not None else 0}
+            "preemptions": preemptions[0], "spec": asdict(stats.speculation) if stats.speculation else None,
+            "in_use": stats.kv_blocks_in_use, "leftover": leftover, "pooled_trials": spec.controller.estimates.pooled_trials if spec is not None else 0}
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +70,7 @@ def test_greedy_speculation_is_lossless(setup, tp_size):
     for method, draft, policy in configs:
         out = run_ranks(tp_size, _rank, target, draft, method, 40, prompts, policy)
         assert out["tokens"] == base["tokens"], f"{method} draft={draft} policy={policy} tp={tp_size}"
-        assert out["cached"] > 0 and out["in_use"] == 0 and out["leftover"] == 0
+        assert out["cached"] > 0 and out["in_use"] == 0 and out["leftover"] == {}
         if method == "ngram" and policy == "adaptive":
             assert out["pooled_trials"] > 0, "shadow verifications should feed the acceptance estimate"
         else:

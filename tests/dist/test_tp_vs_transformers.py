@@ -27,6 +27,7 @@ def _rank_main(model_dir, seqs, prompts):
     from tpserve.engine.scheduler import SchedulerConfig
     from tpserve.engine.step import SeqWork, StepPlan
     from tpserve.engine.worker import Driver, run_worker
+    from tpserve.server.offline import generate
 
     tp = init_distributed(device_type="cpu")
     cfg = ModelConfig.from_dir(model_dir, "float32")
@@ -54,7 +55,7 @@ def _rank_main(model_dir, seqs, prompts):
     driver.step(StepPlan(finished=list(range(len(seqs)))))
     engine = LLMEngine(driver, cfg.vocab_size, runner.num_blocks, runner.block_size,
                        SchedulerConfig(max_model_len=cfg.max_position_embeddings), eos_token_ids=cfg.eos_token_ids)
-    results = engine.generate(prompts, SamplingParams(max_tokens=GEN_TOKENS, temperature=0.0))
+    results = generate(engine, prompts, SamplingParams(max_tokens=GEN_TOKENS, temperature=0.0))
     driver.shutdown()
     return {
         "logits": [torch.stack(rows) for rows in logits],

@@ -143,3 +143,32 @@ def test_admit_twice_is_a_bug():
     assert bm.admit(a, 6)
     with pytest.raises(AssertionError):
         bm.admit(a, 6)
+
+
+def test_invariant_counts_each_state_on_its_own_so_the_sum_can_fail():
+    bm = BlockManager(8, BS)
+    a = seq(0, range(10))
+    run_prefill(bm, a)
+    bm.free(a)  # two cached blocks (full), one free again
+    b = seq(1, range(20, 26))
+    run_prefill(bm, b)
+    bm.check_invariants([b])
+    assert bm.counts() == {"free": 4, "cached": 2, "in_use": 2, "total": 8}
+    # A block held without any table naming it (a leak) is in no state the check counts.
+    leaked = next(iter(bm._evictable))
+    bm._take(leaked)
+    with pytest.raises(AssertionError, match="do not add up to 8 blocks"):
+        bm.check_invariants([b])
+    bm._release([leaked])
+    bm.check_invariants([b])
+    # A cached block whose registry entry is lost is counted nowhere either.
+    h, block_id = next(iter(bm._cached.items()))
+    assert bm.blocks[block_id].ref_count == 0
+    del bm._cached[h]
+    with pytest.raises(AssertionError, match="do not add up"):
+        bm.check_invariants([b])
+    bm._cached[h] = block_id
+    # The kept counts must match what is counted.
+    bm._num_cached_evictable += 1
+    with pytest.raises(AssertionError, match="kept counts"):
+        bm.check_invariants([b])

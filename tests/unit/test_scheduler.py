@@ -1,5 +1,5 @@
-"""Scheduler driven without a model: a fake step computes what was scheduled and appends a
-deterministic token per sampled sequence."""
+"""Scheduler driven without a model: a fake forward samples a deterministic token for every
+sequence that samples, and the scheduler's own update applies it."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from tpserve.engine.block_manager import BlockManager
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.engine.scheduler import RequestRejected, Scheduler, SchedulerConfig
 from tpserve.engine.sequence import Sequence
+from tpserve.engine.step import StepPlan
 
 
 def make(num_blocks=64, block_size=4, max_num_seqs=16, budget=32, max_model_len=1024, caching=True):
@@ -24,21 +25,13 @@ def fake_token(seq):
     return (seq.seq_id * 7 + seq.num_tokens) % 997
 
 
-def step(sched):
-    out = sched.schedule()
-    out.decoding = [item.seq.num_output_tokens > 0 for item in out.scheduled]
-    finished = []
+def step(sched, num_lookahead=0):
+    out = sched.schedule(num_lookahead)
+    out.decoding = [item.decoding for item in out.scheduled]
     for item in out.scheduled:
-        s = item.seq
-        samples = item.samples
-        s.num_computed_tokens += item.num_new_tokens
-        sched.block_manager.commit(s, s.num_computed_tokens)
-        if samples:
-            s.token_ids.append(fake_token(s))
-            if s.num_output_tokens >= s.params.max_tokens:
-                finished.append(s)
-    for s in finished:
-        sched.remove(s)
+        if item.samples:
+            item.tokens, item.logprobs = [fake_token(item.seq)], [None]
+    finished = [s for s in sched.update(out, now=0.0) if s.is_finished]
     sched.block_manager.check_invariants(list(sched.running))
     return out, finished
 
@@ -134,3 +127,86 @@ def test_lookahead_reserves_slots():
     item = out.scheduled[0]
     assert item.num_lookahead == 3
     assert len(s.block_table) * 4 >= s.num_computed_tokens + item.num_new_tokens + 3
+
+
+class Proposal:
+    def __init__(self, tokens):
+        self.tokens = tokens
+
+
+def test_plan_diffs_keep_the_workers_tables_equal_to_rank_0s():
+    """Full table the first time and after a preemption, appended ids and rollback truncation
+    otherwise, drops after preemption and finish: a worker applying the plans always holds exactly
+    the scheduled sequences' tables, and nothing once every sequence has finished."""
+    from tests.fake_engine import _Mirror
+
+    sched = make(num_blocks=14, block_size=4, budget=64)
+    seqs = [new_seq(i, 6, max_tokens=12) for i in range(4)]
+    for s in seqs:
+        sched.add(s)
+    worker, full_tables, preempted = _Mirror(), 0, 0
+    while sched.has_work():
+        out = sched.schedule(num_lookahead=lambda seq: 2)  # every decode reserves 2, rejected at once
+        plan = sched.plan(out)
+        full_tables += sum(w.block_table is not None for w in plan.seqs)
+        preempted += len(out.preempted)
+        worker.apply_block_diffs(plan)
+        for item in out.scheduled:
+            assert worker.block_tables[item.seq.seq_id] == item.seq.block_table
+            if item.samples:
+                item.tokens, item.logprobs = [fake_token(item.seq)], [None]
+        sched.update(out, now=0.0)
+        sched.block_manager.check_invariants(list(sched.running))
+    assert preempted > 0 and full_tables == len(seqs) + preempted
+    worker.apply_block_diffs(StepPlan(finished=sched.take_tables_to_drop()))
+    assert worker.block_tables == {}
+
+
+def test_update_keeps_accepted_proposals_and_releases_the_rest_of_the_lookahead():
+    sched = make(num_blocks=16, block_size=4, budget=64)
+    s = new_seq(0, 4, max_tokens=20)
+    sched.add(s)
+    step(sched)  # prefill + first token: 5 tokens, 4 computed
+    out = sched.schedule(num_lookahead=6)
+    (item,) = out.scheduled
+    assert item.decoding and item.num_lookahead == 6 and len(s.block_table) == 3  # 5 + 6 slots
+    item.proposal = Proposal([11, 12, 13, 14, 15, 16])
+    plan = sched.plan(out)
+    assert plan.seqs[0].token_ids == [s.token_ids[-1], 11, 12, 13, 14, 15, 16] and plan.seqs[0].num_logits == 7
+    item.tokens, item.logprobs = [11, 12, 99], [None] * 3  # two accepted, then the target's own token
+    sched.update(out, now=0.0)
+    assert s.output_token_ids == [s.output_token_ids[0], 11, 12, 99]
+    assert s.num_computed_tokens == 7 and s.num_tokens == 8
+    assert len(s.block_table) == 2 and s.num_sent_blocks == 2  # the third block went back
+    sched.block_manager.check_invariants([s])
+
+
+def run_one(params, tokens, eos=(), max_model_len=1024):
+    """Feed `tokens` (one per step) to a 2-token prompt; -> (output tokens, finish reason)."""
+    sched = Scheduler(SchedulerConfig(4, 64, max_model_len), BlockManager(32, 4), eos_token_ids=eos)
+    s = Sequence(0, "r", [1, 2], params)
+    sched.add(s)
+    for token in tokens:
+        out = sched.schedule()
+        out.scheduled[0].tokens, out.scheduled[0].logprobs = [token], [None]
+        sched.update(out, now=0.0)
+        if s.is_finished:
+            break
+    return s.output_token_ids, s.finish_reason
+
+
+def test_stop_conditions():
+    p = SamplingParams
+    assert run_one(p(max_tokens=5), [7, 2, 9], eos=(2,)) == ([7, 2], "stop")
+    assert run_one(p(max_tokens=5, ignore_eos=True), [7, 2, 9, 9, 9], eos=(2,)) == ([7, 2, 9, 9, 9], "length")
+    assert run_one(p(max_tokens=5, min_tokens=3), [2, 2, 2, 9], eos=(2,)) == ([2, 2, 2], "stop")
+    assert run_one(p(max_tokens=5, stop_token_ids=[9]), [7, 9, 8]) == ([7, 9], "stop")
+    # Several tokens in one step (accepted proposals): those after the stopping token are dropped.
+    sched = Scheduler(SchedulerConfig(4, 64, 1024), BlockManager(32, 4), eos_token_ids=(2,))
+    s = Sequence(0, "r", [1, 2, 3], SamplingParams(max_tokens=10))
+    sched.add(s)
+    step(sched)
+    out = sched.schedule(num_lookahead=3)
+    out.scheduled[0].tokens, out.scheduled[0].logprobs = [5, 2, 6], [None] * 3
+    assert sched.update(out, now=0.0) == [s]
+    assert s.output_token_ids[1:] == [5, 2] and s.finish_reason == "stop" and not s.block_table

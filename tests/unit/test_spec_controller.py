@@ -10,6 +10,12 @@ from tpserve.engine.spec_decode.controller import (
     COST_SAMPLES, FIRST_REPROBE, MAX_REPROBE, PROBE_BUDGET, PROBE_SEQ_STEPS, PROBE_SEQS, PROBE_STEPS, REMEASURE_EVERY, WARMUP_STEPS,
     SpecController, fit_pass_cost,
 )
+from tpserve.engine.spec_decode.state import AcceptanceCounts
+
+
+def new_seqs(n):
+    """The own acceptance counts of n new sequences (what each sequence carries in seq.spec)."""
+    return [AcceptanceCounts() for _ in range(n)]
 
 
 def accepted_of(rng, alpha, k):
@@ -20,8 +26,8 @@ def accepted_of(rng, alpha, k):
     return accepted
 
 
-def drive(ctrl, batch, alpha, cost, steps, catch_up_seconds=0.0, seed=0, first_id=0, shadow=False):
-    """A simulated machine running sequences first_id .. first_id + batch - 1. cost[k]: seconds of
+def drive(ctrl, batch, alpha, cost, steps, catch_up_seconds=0.0, seed=0, shadow=False):
+    """A simulated machine running `batch` new sequences. cost[k]: seconds of
     a step in which the whole batch speculates with k; a step with n of the batch speculating costs
     cost[0] + (cost[k] - cost[0]) * n / batch. Each proposal is accepted with probability alpha (a
     number, or a function of the step index). The first step in which a sequence speculates costs
@@ -29,22 +35,22 @@ def drive(ctrl, batch, alpha, cost, steps, catch_up_seconds=0.0, seed=0, first_i
     verification at the controller's largest k per step, as free proposals do."""
     rng = random.Random(seed)
     chosen, caught_up = [], set()
-    ids = list(range(first_id, first_id + batch))
+    seqs = new_seqs(batch)
     for step in range(steps):
         a = alpha(step) if callable(alpha) else alpha
-        k, n = ctrl.choose_k(ids)
+        k, n = ctrl.choose_k(seqs)
         chosen.append((k, n))
         n = n if k else 0
         tokens, secs = batch, cost[0]
         if n:
             secs += (cost[k] - cost[0]) * n / batch + catch_up_seconds * len(set(range(n)) - caught_up)
             caught_up |= set(range(n))
-        for seq_id in ids[:n]:
+        for own in seqs[:n]:
             accepted = accepted_of(rng, a, k)
-            ctrl.record_verification(seq_id, accepted, k)
+            ctrl.record_verification(own, accepted, k)
             tokens += accepted
-        for seq_id in ids[n:] if shadow else []:
-            ctrl.record_verification(seq_id, accepted_of(rng, a, ctrl.max_k), ctrl.max_k)
+        for own in seqs[n:] if shadow else []:
+            ctrl.record_verification(own, accepted_of(rng, a, ctrl.max_k), ctrl.max_k)
         ctrl.record_step(batch, k, n, tokens, secs)
     return chosen
 
@@ -57,16 +63,17 @@ CHEAP = {0: 1.0, 1: 1.4, 2: 1.5, 4: 2.6}
 
 def test_expected_tokens_follow_per_position_acceptance():
     ctrl = SpecController(max_k=4)
-    assert ctrl.estimates.batch_expected_tokens(4) == 1  # nothing seen yet: nothing expected
+    assert ctrl.estimates.batch_expected_tokens([], 4) == 1  # nothing seen yet: nothing expected
+    own, newcomer = new_seqs(2)
     for _ in range(400):  # bursty: half the verifications accept all 4, half reject the first
-        ctrl.record_verification(0, 4, 4)
-        ctrl.record_verification(0, 0, 4)
+        ctrl.record_verification(own, 4, 4)
+        ctrl.record_verification(own, 0, 4)
     # Independent coin flips at the overall rate (4 accepted per 5 trials) would give
     # 1 + .8 + .64 + .51 + .41 = 3.36; position by position it is 1 + .5 * 4 = 3.
     assert ctrl.estimates.acceptance == pytest.approx(0.8, abs=0.01)
-    assert ctrl.estimates.sequence_expected_tokens(0, 4) == pytest.approx(3.0, abs=0.1)
-    assert ctrl.estimates.sequence_expected_tokens(0, 1) == pytest.approx(1.5, abs=0.05)
-    assert ctrl.estimates.sequence_expected_tokens(7, 4) == pytest.approx(3.0, abs=0.1)  # a newcomer: the pooled profile
+    assert ctrl.estimates.sequence_expected_tokens(own, 4) == pytest.approx(3.0, abs=0.1)
+    assert ctrl.estimates.sequence_expected_tokens(own, 1) == pytest.approx(1.5, abs=0.05)
+    assert ctrl.estimates.sequence_expected_tokens(newcomer, 4) == pytest.approx(3.0, abs=0.1)  # the pooled profile
 
 
 def test_a_probe_lost_on_cost_stops_at_once_and_waits_the_longest_interval():
@@ -148,37 +155,37 @@ def test_buckets_are_independent_and_pinned_mode_is_fixed():
     ctrl = SpecController(max_k=4)
     drive(ctrl, 64, 0.8, EXPENSIVE, 20)
     assert drive(ctrl, 1, 0.8, CHEAP, 40)[-1] == (2, 1)
-    assert ctrl.choose_k(list(range(64))) == (0, 0)
-    assert SpecController(max_k=3, adaptive=False).choose_k(list(range(64))) == (3, 64)
+    assert ctrl.choose_k(new_seqs(64)) == (0, 0)
+    assert SpecController(max_k=3, adaptive=False).choose_k(new_seqs(64)) == (3, 64)
 
 
 def test_each_sequence_has_its_own_acceptance_shrunk_towards_the_pooled_rate():
     ctrl = SpecController(max_k=4)
+    s1, s2, s3 = new_seqs(3)
     for _ in range(30):
-        ctrl.choose_k([1, 2])
-        ctrl.record_verification(1, 4, 4)  # always fully accepted
-        ctrl.record_verification(2, 0, 4)  # always rejected at once
+        ctrl.choose_k([s1, s2])
+        ctrl.record_verification(s1, 4, 4)  # always fully accepted
+        ctrl.record_verification(s2, 0, 4)  # always rejected at once
     pooled = ctrl.estimates.acceptance
     assert 0.7 < pooled < 0.9  # 4 accepted per 5 trials
-    assert ctrl.estimates.sequence_acceptance(1) > 0.95 and ctrl.estimates.sequence_acceptance(2) < 0.15
+    assert ctrl.estimates.sequence_acceptance(s1) > 0.95 and ctrl.estimates.sequence_acceptance(s2) < 0.15
     # A sequence without verifications of its own starts from the pooled rate, not from another's.
-    assert ctrl.estimates.sequence_acceptance(3) == pytest.approx(pooled)
-    ctrl.choose_k([2, 3])
-    e = ctrl.estimates.batch_expected_tokens(4)
-    assert e == pytest.approx((ctrl.estimates.sequence_expected_tokens(2, 4) + ctrl.estimates.sequence_expected_tokens(3, 4)) / 2)
-    assert ctrl.estimates.sequence_expected_tokens(2, 4) < 1.3 < 4.5 < ctrl.estimates.sequence_expected_tokens(1, 4)
-    ctrl.release(1)
-    assert ctrl.estimates.sequence_acceptance(1) == pytest.approx(ctrl.estimates.acceptance)
+    assert ctrl.estimates.sequence_acceptance(s3) == pytest.approx(pooled)
+    ctrl.choose_k([s2, s3])
+    e = ctrl.estimates.batch_expected_tokens([s2, s3], 4)
+    assert e == pytest.approx((ctrl.estimates.sequence_expected_tokens(s2, 4) + ctrl.estimates.sequence_expected_tokens(s3, 4)) / 2)
+    assert ctrl.estimates.sequence_expected_tokens(s2, 4) < 1.3 < 4.5 < ctrl.estimates.sequence_expected_tokens(s1, 4)
+    # A sequence's own counts live on it and go with it: the estimates keep only the pooled ones.
+    assert set(vars(ctrl.estimates)) == {"positions", "_pool"}
 
 
 def test_a_new_request_does_not_inherit_its_predecessors_acceptance():
     # Batch 1: a request the draft predicts perfectly, then one it never predicts (a server that
     # was in a repetition loop and gets a fresh text).
     ctrl = SpecController(max_k=4)
-    chosen = drive(ctrl, 1, 1.0, CHEAP, 60, first_id=0)
+    chosen = drive(ctrl, 1, 1.0, CHEAP, 60)
     assert chosen[-1][0] > 0
-    ctrl.release(0)
-    chosen = drive(ctrl, 1, 0.0, CHEAP, 40, first_id=1)
+    chosen = drive(ctrl, 1, 0.0, CHEAP, 40)  # a new sequence
     speculating = [i for i, (k, n) in enumerate(chosen) if k and n]
     # Its own rejections outweigh the prior of pooled acceptance ~1 within a few steps (the pooled
     # rate alone, whose memory spans tens of steps, would keep it speculating for much longer).
@@ -210,8 +217,9 @@ def drive_draft(ctrl, batch, alpha, steps, plain=1.0, fixed=0.3, per_token=0.002
     speculating costs `cliff` more (a cost the probe cannot see). Reports the draft passes."""
     rng = random.Random(seed)
     chosen, pending = [], {i: context for i in range(batch)}  # tokens each sequence's draft has to catch up on
+    seqs = new_seqs(batch)
     for _ in range(steps):
-        k, n = ctrl.choose_k(list(range(batch)))
+        k, n = ctrl.choose_k(seqs)
         chosen.append((k, n))
         n = n if k else 0
         tokens, passes = batch, []
@@ -221,7 +229,7 @@ def drive_draft(ctrl, batch, alpha, steps, plain=1.0, fixed=0.3, per_token=0.002
         for i in range(batch):
             accepted = accepted_of(rng, alpha, k) if i < n else 0
             if i < n:
-                ctrl.record_verification(i, accepted, k)
+                ctrl.record_verification(seqs[i], accepted, k)
             tokens += accepted
             pending[i] = accepted + 1 if i < n else pending[i] + 1
         secs = plain + sum(t for _, t in passes) + per_row * n * k + (cliff if 2 * n > batch else 0.0)

@@ -35,9 +35,11 @@ def test_shadow_records_what_speculation_records(k):
     prompt = [1, 4, 2, 0, 3, 1, 4]
     length = 400
     # Real speculation: propose, verify greedily, append the emitted tokens, repeat.
-    real, tokens, ngram = [], list(prompt), NgramProposer(max_ngram=3)
+    real, ngram = [], NgramProposer(max_ngram=3)
+    speculating = Sequence(1, "s", list(prompt), SamplingParams())
+    tokens = speculating.token_ids
     while len(tokens) < length:
-        proposal = ngram.indexed_lookup(0, tokens, k)
+        proposal = ngram.indexed_lookup(speculating, k)
         emitted = verify_greedy(one_hot_rows(tokens, proposal), proposal)
         real.append((len(emitted) - 1, k))
         tokens += emitted
@@ -45,7 +47,7 @@ def test_shadow_records_what_speculation_records(k):
     shadow = []
     seq = Sequence(0, "r", list(prompt), SamplingParams())
     verifier = ShadowVerifier(NgramProposer(max_ngram=3).indexed_lookup, k,
-                              lambda seq_id, acc, req: shadow.append((acc, req)))
+                              lambda seq, acc, req: shadow.append((acc, req)))
     while seq.num_tokens < length:
         seq.token_ids.append(target(seq.token_ids))
         verifier.observe(seq, 1)
@@ -61,20 +63,20 @@ def test_forget_drops_a_pending_proposal():
     seq = Sequence(7, "r", [1, 2, 3, 1, 2], SamplingParams())
     seq.token_ids.append(3)
     v.observe(seq, 1)  # the lookup of "1 2" proposes "3 1 2": its first token matched
-    assert v._pending and not seen
-    v.forget(7)
-    assert not v._pending
+    assert seq.spec.shadow is not None and not seen
+    v.forget(seq)
+    assert seq.spec.shadow is None and v.num_tracked == 0
 
 
 def test_follows_at_most_max_tracked_sequences_and_frees_a_place_on_forget():
     seen = []
-    v = ShadowVerifier(NgramProposer().indexed_lookup, 2, lambda seq_id, *_: seen.append(seq_id), max_tracked=2)
+    v = ShadowVerifier(NgramProposer().indexed_lookup, 2, lambda seq, *_: seen.append(seq.seq_id), max_tracked=2)
     seqs = [Sequence(i, str(i), [5, 6, 7], SamplingParams()) for i in range(4)]
     for seq in seqs:
         seq.token_ids.append(1)  # nothing to look up: each followed sequence records (0, 2) at once
         v.observe(seq, 1)
     assert seen == [0, 1]
-    v.forget(0)
+    v.forget(seqs[0])
     seqs[3].token_ids.append(1)
     v.observe(seqs[3], 1)
     assert seen == [0, 1, 3]

@@ -4,9 +4,11 @@ Every block is in exactly one of three states:
   free      ref_count 0, no hash         (holds nothing worth keeping)
   cached    ref_count 0, hash registered (evictable, reusable by a prefix hit)
   in use    ref_count > 0
-so `free + cached + in_use == num_blocks` (`check_invariants`). Blocks with ref_count 0 sit in
-one queue in eviction order: free blocks at the front, then cached blocks least recently used
-first. A full block's hash chains its parent's hash with its token ids, so equal hashes mean
+The three counts are kept as blocks change state, so reading them costs nothing;
+`check_invariants` counts each again from a different source (the eviction queue, the prefix-cache
+registry, the sequences' tables) and requires `free + cached + in_use == num_blocks`. Blocks with
+ref_count 0 sit in one queue in eviction order: free blocks at the front, then cached blocks least
+recently used first. A full block's hash chains its parent's hash with its token ids, so equal hashes mean
 equal prefixes, and only tokens whose K/V are final (computed and accepted) are ever hashed.
 """
 
@@ -42,6 +44,7 @@ class BlockManager:
         self.blocks = [Block(i) for i in range(num_blocks)]
         self._evictable: OrderedDict[int, None] = OrderedDict((i, None) for i in range(num_blocks))
         self._cached: dict[int, int] = {}  # hash -> block id
+        self._num_cached_evictable = 0  # blocks with ref_count 0 and a registered hash
         self.num_queried_tokens = 0
         self.num_hit_tokens = 0
 
@@ -51,10 +54,23 @@ class BlockManager:
         """Blocks an allocation can take now (free + cached-evictable)."""
         return len(self._evictable)
 
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks no sequence uses that still hold a reusable prefix."""
+        return self._num_cached_evictable
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no sequence uses that hold nothing reusable."""
+        return len(self._evictable) - self._num_cached_evictable
+
+    @property
+    def num_in_use_blocks(self) -> int:
+        return self.num_blocks - len(self._evictable)
+
     def counts(self) -> dict[str, int]:
-        cached = sum(1 for b in self._evictable if self.blocks[b].hash is not None)
-        free = len(self._evictable) - cached
-        return {"free": free, "cached": cached, "in_use": self.num_blocks - free - cached, "total": self.num_blocks}
+        return {"free": self.num_free_blocks, "cached": self.num_cached_blocks, "in_use": self.num_in_use_blocks,
+                "total": self.num_blocks}
 
     @property
     def hit_rate(self) -> float:
@@ -154,7 +170,9 @@ class BlockManager:
             assert block.ref_count >= 0, f"block {block_id} released more often than taken"
             if block.ref_count == 0:
                 self._evictable[block_id] = None
-                if block.hash is None:
+                if block.hash is not None:
+                    self._num_cached_evictable += 1
+                else:
                     # Holds nothing reusable: hand it out before any cached block.
                     self._evictable.move_to_end(block_id, last=False)
 
@@ -162,6 +180,8 @@ class BlockManager:
         block = self.blocks[block_id]
         if block.ref_count == 0:
             del self._evictable[block_id]
+            if block.hash is not None:
+                self._num_cached_evictable -= 1
         block.ref_count += 1
 
     def _grow(self, seq: Sequence, count: int) -> None:
@@ -169,6 +189,7 @@ class BlockManager:
             block_id, _ = self._evictable.popitem(last=False)
             block = self.blocks[block_id]
             if block.hash is not None:
+                self._num_cached_evictable -= 1
                 if self._cached.get(block.hash) == block_id:
                     del self._cached[block.hash]
                 block.hash = None
@@ -180,13 +201,26 @@ class BlockManager:
         for block_id in list(self._evictable):
             self.blocks[block_id].hash = None
         self._cached = {h: b for h, b in self._cached.items() if self.blocks[b].ref_count > 0}
+        self._num_cached_evictable = 0
 
     # --- checking -----------------------------------------------------------------------------
     def check_invariants(self, seqs: list[Sequence] | None = None) -> None:
-        """Raise AssertionError if the bookkeeping is inconsistent. With `seqs` (every sequence
-        holding blocks), reference counts must equal the number of tables naming each block."""
-        c = self.counts()
-        assert c["free"] + c["cached"] + c["in_use"] == self.num_blocks, c
+        """Raise AssertionError if the bookkeeping is inconsistent. Free blocks are counted in the
+        eviction queue, cached ones in the prefix-cache registry, blocks in use in the tables of
+        `seqs` (every sequence holding blocks; without them, by reference count), each on its own,
+        so a block lost from every state or counted in two makes the sum differ from num_blocks;
+        the kept counts must equal them. With `seqs`, reference counts must also equal the number
+        of tables naming each block."""
+        free = sum(1 for b in self._evictable if self.blocks[b].hash is None)
+        cached = sum(1 for b in self._cached.values() if self.blocks[b].ref_count == 0)
+        if seqs is not None:
+            in_use = len({b for seq in seqs for b in seq.block_table})
+        else:
+            in_use = sum(1 for block in self.blocks if block.ref_count > 0)
+        counted = {"free": free, "cached": cached, "in_use": in_use}
+        assert free + cached + in_use == self.num_blocks, f"{counted} do not add up to {self.num_blocks} blocks"
+        kept = {"free": self.num_free_blocks, "cached": self.num_cached_blocks, "in_use": self.num_in_use_blocks}
+        assert kept == counted, f"kept counts {kept} differ from counted {counted}"
         for block in self.blocks:
             in_queue = block.block_id in self._evictable
             assert in_queue == (block.ref_count == 0), f"block {block.block_id}: ref {block.ref_count}, queued {in_queue}"

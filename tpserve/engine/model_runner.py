@@ -122,6 +122,10 @@ class ModelRunner:
         return caches
 
     # --- inputs -------------------------------------------------------------------------------
+    def forget_block_tables(self) -> None:
+        """Drop every block table (a runner whose plans always carry full tables: the draft's)."""
+        self.block_tables.clear()
+
     def apply_block_diffs(self, plan: StepPlan) -> None:
         """Bring this rank's copy of every block table up to date with rank 0's."""
         for seq_id in plan.finished:

@@ -98,19 +98,15 @@ class Sampler:
     def __init__(self, eos_token_ids: tuple[int, ...] = (), seed: int = 0) -> None:
         self.eos_token_ids = tuple(eos_token_ids)
         self.generator = torch.Generator().manual_seed(seed)
-        self._seq_generators: dict[int, torch.Generator] = {}
 
     def generator_for(self, seq: Sequence) -> torch.Generator:
-        """The request's own generator (seeded requests) or the engine's shared one."""
+        """The request's own generator (seeded requests; kept on the sequence) or the engine's
+        shared one."""
         if seq.params.seed is None:
             return self.generator
-        gen = self._seq_generators.get(seq.seq_id)
-        if gen is None:
-            gen = self._seq_generators[seq.seq_id] = torch.Generator().manual_seed(seq.params.seed)
-        return gen
-
-    def release(self, seq_id: int) -> None:
-        self._seq_generators.pop(seq_id, None)
+        if seq.generator is None:
+            seq.generator = torch.Generator().manual_seed(seq.params.seed)
+        return seq.generator
 
     def exponentials(self, seqs: list[Sequence], vocab_size: int) -> torch.Tensor:
         """[B, V] Exp(1) draws, each row from its sequence's generator."""

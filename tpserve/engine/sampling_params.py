@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from tpserve.errors import InvalidRequest
+
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_LOGPROBS = 20
 
 
-class SamplingError(ValueError):
+class SamplingError(InvalidRequest):
     """An out-of-range sampling parameter."""
 
 

@@ -1,24 +1,33 @@
-"""Iteration-level continuous batching. Plain Python, no torch.
+"""Iteration-level continuous batching, and what happens to a request after each forward. Plain
+Python, no torch.
 
 Each `schedule()` call builds one step under a token budget: running sequences first (decodes and
 unfinished prefill chunks, in admission order), then waiting sequences in arrival order (a long
 prompt is chunked rather than skipped, so it cannot starve behind short ones). When blocks run
 out, the most recently admitted running sequence is preempted by recompute: its blocks are freed
 and it returns to the head of the waiting queue, keeping the tokens it generated.
+
+`plan()` turns the step into the message every rank receives (block tables as diffs), and
+`update()` applies the forward's result: computed tokens, prefix-cache commits, the sampled
+tokens with their stop checks, finishing, and the release of lookahead blocks that rejected
+proposals left unused. `finish()` is the one way a request ends (stop, length or abort).
 """
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-from tpserve.config import ConfigError
 from tpserve.engine.block_manager import BlockManager
 from tpserve.engine.sequence import Sequence, SeqStatus
+from tpserve.engine.step import SeqWork, StepPlan
+from tpserve.errors import ConfigError, InvalidRequest
 
 
-class RequestRejected(ValueError):
+class RequestRejected(InvalidRequest):
     """The request can never be scheduled; the message names the value and the limit."""
 
 
@@ -35,16 +44,41 @@ class SchedulerConfig:
             raise ConfigError(f"max_num_batched_tokens={self.max_num_batched_tokens} must be >= 1")
 
 
-@dataclass
+def check_feasible(seq: Sequence, max_model_len: int, num_blocks: int, block_size: int) -> None:
+    """Raise RequestRejected when `seq` could never run: longer than the model allows, or more
+    KV blocks than the whole cache has."""
+    total = seq.max_total_tokens
+    if total > max_model_len:
+        raise RequestRejected(
+            f"prompt length {seq.num_prompt_tokens} + max_tokens {seq.params.max_tokens} = {total} "
+            f"exceeds the max model length {max_model_len}"
+        )
+    needed = -(-total // block_size)
+    if needed > num_blocks:
+        raise RequestRejected(
+            f"prompt length {seq.num_prompt_tokens} + max_tokens {seq.params.max_tokens} needs "
+            f"{needed} KV blocks of {block_size} tokens, but the cache has {num_blocks} "
+            f"({num_blocks * block_size} tokens)"
+        )
+
+
+@dataclass(eq=False)
 class ScheduledSeq:
+    """One sequence's share of a step: what was scheduled (fixed when scheduled), the proposal
+    speculation adds before the forward, and the tokens sampled after it."""
+
     seq: Sequence
     num_new_tokens: int  # tokens whose K/V this step computes
     num_lookahead: int = 0  # extra slots reserved for speculative proposals
+    samples: bool = field(init=False)  # the step reaches the end of the sequence's known tokens
+    decoding: bool = field(init=False)  # ... and samples a decoding sequence's next token
+    proposal: Any = None  # spec_decode.Proposal, set before the forward
+    tokens: list[int] = field(default_factory=list)  # accepted proposals + one sampled token
+    logprobs: list = field(default_factory=list)
 
-    @property
-    def samples(self) -> bool:
-        """True when this step reaches the end of the sequence's known tokens."""
-        return self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+    def __post_init__(self) -> None:
+        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
+        self.decoding = self.samples and self.seq.is_decoding
 
 
 @dataclass
@@ -58,45 +92,29 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
+                 eos_token_ids: tuple[int, ...] = ()) -> None:
         self.config = config
         self.block_manager = block_manager
+        self.eos_token_ids = tuple(eos_token_ids)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
+        self.num_preemptions = 0
+        self._tables_to_drop: list[int] = []  # seq ids whose worker tables the next plan drops
 
-    def check_feasible(self, seq: Sequence, num_lookahead: int = 0) -> None:
-        total = seq.max_total_tokens
-        if total > self.config.max_model_len:
-            raise RequestRejected(
-                f"prompt length {seq.num_prompt_tokens} + max_tokens {seq.params.max_tokens} = {total} "
-                f"exceeds the max model length {self.config.max_model_len}"
-            )
+    def check_feasible(self, seq: Sequence) -> None:
         bm = self.block_manager
-        needed = bm.blocks_needed(total + num_lookahead)
-        if needed > bm.num_blocks:
-            raise RequestRejected(
-                f"prompt length {seq.num_prompt_tokens} + max_tokens {seq.params.max_tokens} needs "
-                f"{needed} KV blocks of {bm.block_size} tokens, but the cache has {bm.num_blocks} "
-                f"({bm.num_blocks * bm.block_size} tokens)"
-            )
+        check_feasible(seq, self.config.max_model_len, bm.num_blocks, bm.block_size)
 
     def add(self, seq: Sequence) -> None:
         self.check_feasible(seq)
         seq.status = SeqStatus.WAITING
         self.waiting.append(seq)
 
-    def remove(self, seq: Sequence) -> None:
-        """Take a sequence out of the queues and free its blocks (finish or abort)."""
-        if seq in self.running:
-            self.running.remove(seq)
-        elif seq in self.waiting:
-            self.waiting.remove(seq)
-        self.block_manager.free(seq)
-        seq.status = SeqStatus.FINISHED
-
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
+    # --- planning a step ----------------------------------------------------------------------
     def schedule(self, num_lookahead: int | Callable[[Sequence], int] = 0) -> SchedulerOutput:
         """Plan one step. `num_lookahead` slots (a count, or a count per sequence) are reserved
         after each decoding sequence for speculative proposals."""
@@ -108,17 +126,17 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
-            decoding = seq.num_computed_tokens + num_new == seq.num_tokens and seq.num_output_tokens > 0
-            lookahead = lookahead_of(seq) if decoding else 0
-            while not bm.ensure_slots(seq, seq.num_computed_tokens + num_new + lookahead):
+            item = ScheduledSeq(seq, num_new)
+            item.num_lookahead = lookahead_of(seq) if item.decoding else 0
+            while not bm.ensure_slots(seq, seq.num_computed_tokens + num_new + item.num_lookahead):
                 victim = self.running.pop()
                 self._preempt(victim)
                 out.preempted.append(victim)
                 if victim is seq:
                     break
             else:
-                out.scheduled.append(ScheduledSeq(seq, num_new, lookahead))
-                budget -= num_new + lookahead  # proposals are verified in the same forward
+                out.scheduled.append(item)
+                budget -= num_new + item.num_lookahead  # proposals are verified in the same forward
                 i += 1
                 continue
             break
@@ -130,15 +148,121 @@ class Scheduler:
             self.waiting.popleft()
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             seq.status = SeqStatus.RUNNING
+            if seq.times.first_scheduled is None:
+                seq.times.first_scheduled = time.monotonic()
             self.running.append(seq)
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return out
 
+    def plan(self, batch: SchedulerOutput) -> StepPlan:
+        """The step as every rank receives it: a sequence's whole block table the first time the
+        workers see it (or after a preemption), afterwards only appended block ids and the length
+        to truncate to after a rollback; and the tables to drop."""
+        works = []
+        for item in batch.scheduled:
+            seq = item.seq
+            start = seq.num_computed_tokens
+            tokens = seq.token_ids[start : start + item.num_new_tokens]
+            work = SeqWork(seq.seq_id, tokens, start, sample=item.samples)
+            if item.proposal is not None:
+                work.token_ids = tokens + item.proposal.tokens
+                work.num_logits = 1 + len(item.proposal.tokens)
+            if seq.num_sent_blocks is None:
+                work.block_table = list(seq.block_table)
+            else:
+                work.num_blocks_kept = seq.num_sent_blocks
+                work.new_blocks = seq.block_table[seq.num_sent_blocks :]
+            seq.num_sent_blocks = len(seq.block_table)
+            works.append(work)
+        return StepPlan(works, self.take_tables_to_drop())
+
+    def take_tables_to_drop(self) -> list[int]:
+        dropped, self._tables_to_drop = self._tables_to_drop, []
+        return dropped
+
+    @property
+    def num_tables_to_drop(self) -> int:
+        return len(self._tables_to_drop)
+
+    # --- after the forward --------------------------------------------------------------------
+    def update(self, batch: SchedulerOutput, now: float) -> list[Sequence]:
+        """Apply a forward's result (each item's `tokens`, sampled or verified) at time `now`:
+        the K/V of the step's tokens and of the accepted proposals are now computed, full blocks
+        among them enter the prefix cache, the tokens are appended until one finishes the
+        request, and lookahead blocks beyond the sequence's tokens are released. Returns the
+        sequences that got output, in step order (finished ones included)."""
+        updated = []
+        for item in batch.scheduled:
+            seq = item.seq
+            num_accepted = len(item.tokens) - 1 if item.tokens else 0
+            seq.num_computed_tokens += item.num_new_tokens + num_accepted
+            self.block_manager.commit(seq, seq.num_computed_tokens)
+            if not item.tokens:
+                continue
+            self._append(seq, item.tokens, item.logprobs, now)
+            if not seq.is_finished and item.num_lookahead:
+                self._release_lookahead(seq)
+            updated.append(seq)
+        return updated
+
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list, now: float) -> None:
+        """Append tokens one at a time until one finishes the request; later ones are dropped."""
+        p = seq.params
+        detok = seq.detokenizer
+        if seq.times.first_token is None:
+            seq.times.first_token = now
+        for token, lp in zip(tokens, logprobs):
+            seq.token_ids.append(token)
+            seq.times.token_times.append(now)
+            if lp is not None:
+                seq.unsent_logprobs.append(lp)
+            may_stop = seq.num_output_tokens >= p.min_tokens
+            if detok is not None:
+                detok.add([token], check_stop=may_stop)
+            if may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
+                self.finish(seq, "stop")
+            elif detok is not None and detok.stopped_by is not None:
+                self.finish(seq, "stop")
+            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                self.finish(seq, "length")
+            if seq.is_finished:
+                return
+
+    def _release_lookahead(self, seq: Sequence) -> None:
+        """Free the blocks reserved for proposals past the sequence's tokens; the workers keep
+        only the valid prefix of its table."""
+        self.block_manager.truncate(seq, seq.num_tokens)
+        if seq.num_sent_blocks is not None:
+            seq.num_sent_blocks = min(seq.num_sent_blocks, len(seq.block_table))
+
+    # --- leaving the running set --------------------------------------------------------------
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a request (stop, length or abort): out of the queues, its blocks freed, its worker
+        table dropped with the next plan."""
+        if seq.is_finished:
+            return
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self._release(seq)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+        seq.times.finished = time.monotonic()
+
     def _preempt(self, seq: Sequence) -> None:
-        self.block_manager.free(seq)
+        self._release(seq)
         seq.num_computed_tokens = 0
         seq.num_cached_tokens = 0
         seq.num_preemptions += 1
+        seq.times.preemptions.append(time.monotonic())
+        self.num_preemptions += 1
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
+
+    def _release(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        if seq.num_sent_blocks is not None:
+            self._tables_to_drop.append(seq.seq_id)
+            seq.num_sent_blocks = None

@@ -1,9 +1,12 @@
-"""The engine loop on rank 0, and the thread-safe door the gRPC front end talks to it through.
+"""The engine loop on rank 0, and the thread-safe door the front end talks to it through.
 
 The loop runs in the main thread (so SIGTERM handlers work) and owns the LLMEngine. The front end,
-in its own thread with its own event loop, validates and builds sequences itself (pure functions)
-and hands them over through a command queue; outputs come back through a per-request asyncio
-queue filled with `call_soon_threadsafe`. Neither side ever waits on the other's work.
+in its own thread with its own event loop, builds sequences itself (tpserve.server.requests) and
+hands them over through a command queue; outputs come back through a per-request asyncio queue
+filled with `call_soon_threadsafe`, and so do errors (a RequestError: a request refused when the
+engine added it, or Unavailable for every open request when the group fails). Neither side ever
+waits on the other's work, and the front end reads the engine's statistics only as the snapshot
+the loop publishes after each step.
 """
 
 from __future__ import annotations
@@ -13,27 +16,12 @@ import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass
 
 from tpserve.engine.engine import LLMEngine
 from tpserve.engine.sequence import Sequence
+from tpserve.errors import InvalidRequest, Overloaded, Unavailable
 
 logger = logging.getLogger(__name__)
-
-
-class ServerBusy(Exception):
-    """The waiting queue is full (RESOURCE_EXHAUSTED)."""
-
-
-class ServerUnavailable(Exception):
-    """Draining, or the group has failed (UNAVAILABLE)."""
-
-
-@dataclass
-class Failure:
-    """Delivered to every open request when the group fails."""
-
-    message: str
 
 
 class RequestHandle:
@@ -44,7 +32,12 @@ class RequestHandle:
         self.queue: asyncio.Queue = asyncio.Queue()
 
     def put(self, item) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            if not self.loop.is_closed():
+                raise
+            # The caller went away with its event loop (its abort is on the way): nobody listens.
 
 
 class EngineLoop:
@@ -55,7 +48,9 @@ class EngineLoop:
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
         self._handles: dict[str, RequestHandle] = {}
         self._lock = threading.Lock()
+        # Submitted requests the published stats do not count yet (the queue limit adds both).
         self._num_pending_adds = 0
+        self._num_applied_adds = 0  # of those, added to the engine since the last publish
         self._drain_deadline: float | None = None
         self.failed: str | None = None
         self.num_finished = 0
@@ -69,16 +64,16 @@ class EngineLoop:
     def submit(self, seq: Sequence, handle: RequestHandle) -> None:
         with self._lock:
             if self.failed is not None:
-                raise ServerUnavailable(f"the server's process group has failed: {self.failed}")
+                raise Unavailable(f"the server's process group has failed: {self.failed}")
             if self.draining:
-                raise ServerUnavailable("the server is draining and accepts no new requests")
-            queued = self._num_pending_adds + self.stats["num_waiting"]
+                raise Unavailable("the server is draining and accepts no new requests")
+            queued = self._num_pending_adds + self.stats.num_waiting
             if queued >= self.max_queued_requests:
-                raise ServerBusy(
+                raise Overloaded(
                     f"{queued} requests are waiting, the limit is --max-queued-requests={self.max_queued_requests}"
                 )
             if seq.request_id in self._handles:
-                raise ValueError(f"request id {seq.request_id!r} is already in use")
+                raise InvalidRequest(f"request id {seq.request_id!r} is already in use")
             self._handles[seq.request_id] = handle
             self._num_pending_adds += 1
         self._commands.put(("add", seq))
@@ -103,16 +98,16 @@ class EngineLoop:
         """Serve until drained (returns 0) or until the group fails (returns 1)."""
         try:
             while True:
-                self._apply_commands(block=not self.engine.has_unfinished_requests())
+                self._apply_commands(block=not self.engine.has_work())
                 if self.draining and (not self._handles or time.monotonic() >= self._drain_deadline):
                     self._abort_all()
                     self._deliver(self.engine.step())
                     self.engine.shutdown()
                     logger.info("drained; shutting down")
                     return 0
-                if self.engine.has_unfinished_requests():
+                if self.engine.has_work():
                     self._deliver(self.engine.step())
-                self.stats = self.engine.stats()
+                self._publish_stats()
         except Exception as e:  # the group is unusable now: tell everyone, let the launcher exit
             logger.exception("engine loop failed")
             self._fail(f"{type(e).__name__}: {e}")
@@ -124,7 +119,7 @@ class EngineLoop:
             cmd = self._commands.get(timeout=timeout) if block else self._commands.get_nowait()
         except queue.Empty:
             if block:
-                self.engine.driver.heartbeat()
+                self.engine.heartbeat()
             return
         while True:
             self._apply(cmd)
@@ -136,16 +131,24 @@ class EngineLoop:
     def _apply(self, cmd) -> None:
         kind, arg = cmd
         if kind == "add":
-            with self._lock:
-                self._num_pending_adds -= 1
+            self._num_applied_adds += 1
             try:
                 self.engine.add_sequence(arg)
-            except ValueError as e:
+            except InvalidRequest as e:
                 handle = self._handles.pop(arg.request_id, None)
                 if handle is not None:
                     handle.put(e)
         elif kind == "abort":
             self.engine.abort_request(arg)
+
+    def _publish_stats(self) -> None:
+        """The front end's snapshot; requests added since the last one leave the pending count
+        only now that the snapshot counts them (as waiting, or running if already admitted)."""
+        stats = self.engine.stats()
+        with self._lock:
+            self.stats = stats
+            self._num_pending_adds -= self._num_applied_adds
+        self._num_applied_adds = 0
 
     def _deliver(self, outputs) -> None:
         for out in outputs:
@@ -167,4 +170,4 @@ class EngineLoop:
             self.failed = message
             handles, self._handles = self._handles, {}
         for handle in handles.values():
-            handle.put(Failure(message))
+            handle.put(Unavailable(f"the server failed: {message}"))

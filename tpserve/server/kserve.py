@@ -17,13 +17,14 @@ import struct
 import uuid
 from dataclasses import fields
 
-import grpc
 from tritonclient.grpc import service_pb2 as kpb
 from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from tpserve.engine.sampling_params import SamplingParams
-from tpserve.server.servicer import run_request
-from tpserve.server.state import SERVING, ServerState
+from tpserve.errors import InvalidRequest, RequestError
+from tpserve.server.convert import abort_with, grpc_status
+from tpserve.server.core import ServingCore
+from tpserve.server.outputs import OutputAccumulator
 
 SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
 _FIXED = {"BOOL": ("?", 1), "INT8": ("b", 1), "INT16": ("h", 2), "INT32": ("i", 4), "INT64": ("q", 8),
@@ -31,8 +32,8 @@ _FIXED = {"BOOL": ("?", 1), "INT8": ("b", 1), "INT16": ("h", 2), "INT32": ("i", 
           "FP64": ("d", 8)}
 
 
-class InputError(ValueError):
-    pass
+class InputError(InvalidRequest):
+    """An OIP v2 input tensor or parameter that cannot be read."""
 
 
 def kserve_service_name() -> str:
@@ -117,27 +118,31 @@ def _response(req, model_name: str, text: str, final: bool):
 
 
 class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
-    def __init__(self, state: ServerState) -> None:
-        self.state = state
+    """A thin adapter on the serving core."""
+
+    def __init__(self, core: ServingCore) -> None:
+        self.core = core
 
     async def ServerLive(self, request, context):
         return kpb.ServerLiveResponse(live=True)
 
     async def ServerReady(self, request, context):
-        return kpb.ServerReadyResponse(ready=self.state.require_serving() is not None)
+        return kpb.ServerReadyResponse(ready=self.core.ready())
 
     async def ModelReady(self, request, context):
-        ready = request.name == self.state.served_model_name and self.state.require_serving() is not None
-        return kpb.ModelReadyResponse(ready=ready)
+        return kpb.ModelReadyResponse(ready=request.name == self.core.served_model_name and self.core.ready())
 
     async def ServerMetadata(self, request, context):
         return kpb.ServerMetadataResponse(name="tpserve", version="0.1.0", extensions=[])
 
     async def ModelMetadata(self, request, context):
-        await self._check_model(request.name, context)
+        try:
+            self.core.check_model(request.name)
+        except RequestError as e:
+            await abort_with(context, e)
         tensor = kpb.ModelMetadataResponse.TensorMetadata
         return kpb.ModelMetadataResponse(
-            name=self.state.served_model_name, versions=["1"], platform="tpserve",
+            name=self.core.served_model_name, versions=["1"], platform="tpserve",
             inputs=[tensor(name="text_input", datatype="BYTES", shape=[1]),
                     tensor(name="stream", datatype="BOOL", shape=[1]),
                     tensor(name="exclude_input_in_output", datatype="BOOL", shape=[1]),
@@ -145,23 +150,28 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
             outputs=[tensor(name="text_output", datatype="BYTES", shape=[1])],
         )
 
-    async def _check_model(self, name: str, context) -> None:
-        if name != self.state.served_model_name:
-            await context.abort(grpc.StatusCode.NOT_FOUND,
-                                f"model {name!r} is not served here; the served model is {self.state.served_model_name!r}")
+    async def _infer(self, req, streaming: bool):
+        """Yield (text, final) responses of one request: each new piece when `stream` is set
+        (only inside ModelStreamInfer), else the whole text once."""
+        self.core.check_model(req.model_name)
+        text, stream, exclude_input, params = parse_request(req)
+        if stream and not streaming:
+            raise InvalidRequest("stream = true needs ModelStreamInfer")
+        request_id = req.id or uuid.uuid4().hex
+        whole = OutputAccumulator(request_id)
+        async for out in self.core.generate(request_id, text, None, params):
+            if stream:
+                yield out.text, out.finished
+            elif whole.add(out).finished:
+                yield ("" if exclude_input else text) + whole.result.text, True
 
     async def ModelInfer(self, request, context):
-        await self._check_model(request.model_name, context)
         try:
-            text, stream, exclude_input, params = parse_request(request)
-        except InputError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
-        if stream:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "stream = true needs ModelStreamInfer")
-        pieces = [] if exclude_input else [text]
-        async for out in run_request(self.state, context, request.id or uuid.uuid4().hex, text, None, params):
-            pieces.append(out.text)
-        return _response(request, self.state.served_model_name, "".join(pieces), True)
+            async for text, _ in self._infer(request, streaming=False):
+                pass  # one response: the whole text
+        except RequestError as e:
+            await abort_with(context, e)
+        return _response(request, self.core.served_model_name, text, True)
 
     async def ModelStreamInfer(self, request_iterator, context):
         """Each incoming request runs concurrently; a bad one gets an error_message and the rest
@@ -171,22 +181,11 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
 
         async def serve_one(req):
             try:
-                if req.model_name != self.state.served_model_name:
-                    raise InputError(f"model {req.model_name!r} is not served here")
-                text, stream, exclude_input, params = parse_request(req)
-                pieces = [] if (exclude_input or stream) else [text]
-                async for out in run_request(self.state, _StreamContext(), req.id or uuid.uuid4().hex, text, None,
-                                             params):
-                    if stream:
-                        await out_queue.put(kpb.ModelStreamInferResponse(
-                            infer_response=_response(req, req.model_name, out.text, out.finished)))
-                    else:
-                        pieces.append(out.text)
-                if not stream:
+                async for text, final in self._infer(req, streaming=True):
                     await out_queue.put(kpb.ModelStreamInferResponse(
-                        infer_response=_response(req, req.model_name, "".join(pieces), True)))
-            except (InputError, _StreamAbort) as e:
-                await out_queue.put(kpb.ModelStreamInferResponse(error_message=str(e)))
+                        infer_response=_response(req, req.model_name, text, final)))
+            except RequestError as e:
+                await out_queue.put(kpb.ModelStreamInferResponse(error_message=f"{grpc_status(e).name}: {e}"))
 
         async def reader():
             async for req in request_iterator:
@@ -207,16 +206,4 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
                 task.cancel()
 
 
-class _StreamAbort(Exception):
-    pass
-
-
-class _StreamContext:
-    """Stands in for a unary context inside a stream: an abort becomes this request's error
-    message instead of ending the whole stream."""
-
-    async def abort(self, code, details):
-        raise _StreamAbort(f"{code.name}: {details}")
-
-
-__all__ = ["KServeServicer", "add_kserve_to_server", "kserve_service_name", "parse_request", "SERVING"]
+__all__ = ["KServeServicer", "add_kserve_to_server", "kserve_service_name", "parse_request"]

@@ -62,6 +62,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from tpserve.engine.spec_decode.acceptance import AcceptanceEstimates
+from tpserve.engine.spec_decode.state import AcceptanceCounts
 
 WARMUP_STEPS = 8  # consecutive k = 0 steps at a batch size before it is probed (skips transients)
 PROBE_STEPS = 4  # a probe measures at least this many steps ...
@@ -115,6 +116,21 @@ class _Bucket:
         return self.costs.setdefault(k, _Cost())
 
 
+class _BatchYield:
+    """The mean tokens a sequence of the batch being planned emits speculating with k (k = 0 ..
+    the largest), computed once, on first use."""
+
+    def __init__(self, estimates: AcceptanceEstimates, batch: list[AcceptanceCounts]) -> None:
+        self.estimates = estimates
+        self.batch = batch
+        self._values: list[float] | None = None
+
+    def __getitem__(self, k: int) -> float:
+        if self._values is None:
+            self._values = self.estimates.batch_yield(self.batch)
+        return self._values[min(k, self.estimates.positions)]
+
+
 def fit_pass_cost(passes: list[tuple[int, float]]) -> tuple[float, float] | None:
     """Least-squares seconds = a + b * tokens over draft passes; None without two token counts.
     The catch-up pass (a whole context) and the one-token passes give it a long lever arm."""
@@ -153,24 +169,22 @@ class SpecController:
     def _bucket(self, batch_size: int) -> _Bucket:
         return self.buckets.setdefault(self.bucket_of(batch_size), _Bucket())
 
-    def predicted_rate(self, b: _Bucket, k: int) -> float:
-        """Predicted tokens per second per sequence of speculating with k (0: not at all)."""
-        return self.estimates.batch_expected_tokens(k) / b.cost(k).seconds
-
-    def _best_k(self, b: _Bucket) -> int:
+    def _best_k(self, b: _Bucket, batch_yield: _BatchYield) -> int:
         """The smallest k predicted within PREFER_SMALLER of the best: a larger k is more sensitive
-        to an error in the acceptance estimate (it multiplies k rates), and k = 0 risks nothing."""
-        rates = {k: self.predicted_rate(b, k) for k in self.candidates}
+        to an error in the acceptance estimate (it multiplies k rates), and k = 0 risks nothing.
+        A k's predicted rate is the batch's mean tokens per sequence-step over the step's cost."""
+        rates = {k: batch_yield[k] / b.cost(k).seconds for k in self.candidates}
         best = max(rates.values())
         return min(k for k, r in rates.items() if r >= (1 - PREFER_SMALLER) * best)
 
-    def choose_k(self, seq_ids: list[int]) -> tuple[int, int]:
-        """seq_ids: this step's decoding sequences -> (k, how many of them speculate this step; the
-        engine picks which)."""
-        batch_size = len(seq_ids)
+    def choose_k(self, batch: list[AcceptanceCounts]) -> tuple[int, int]:
+        """batch: the own acceptance counts of this step's decoding sequences -> (k, how many of
+        them speculate this step; the engine picks which)."""
+        batch_size = len(batch)
         if not self.adaptive or batch_size == 0:
             return self.max_k, batch_size
-        self.estimates.new_step(seq_ids)
+        self.estimates.new_step()
+        batch_yield = _BatchYield(self.estimates, batch)
         b = self._bucket(batch_size)
         b.steps += 1
         b.streak = b.streak + 1 if b is self._last_bucket else 1
@@ -186,11 +200,11 @@ class SpecController:
                 self._switch_off(b)
                 return 0, 0
             unmeasured = [k for k in self.candidates if b.cost(k).count < COST_SAMPLES]
-            k = unmeasured[0] if unmeasured else self._best_k(b)
+            k = unmeasured[0] if unmeasured else self._best_k(b, batch_yield)
             if k == 0:  # no k is predicted to beat k = 0 any more: off, and probe again later
                 self._switch_off(b)
             return k, (batch_size if k else 0)
-        if b.probe is None and b.streak > WARMUP_STEPS and (b.steps >= b.next_probe or self._shadow_says_probe(b)):
+        if b.probe is None and b.streak > WARMUP_STEPS and (b.steps >= b.next_probe or self._shadow_says_probe(b, batch_yield)):
             b.probe = _Probe(caught_up=not self.probe_catch_up)
             self.num_probes += 1
         if b.probe is not None:
@@ -202,12 +216,12 @@ class SpecController:
         """The per-sequence rate speculation has to beat: k = 0's, by the margin."""
         return 1 / b.cost(0).seconds / (1 - PREFER_SMALLER)
 
-    def _shadow_says_probe(self, b: _Bucket) -> bool:
+    def _shadow_says_probe(self, b: _Bucket, batch_yield: _BatchYield) -> bool:
         """Free proposals, off and backing off: do the shadow verifications since predict that the
         last probe's cost would now be repaid by the margin?"""
         if not self.free_proposals or b.probe_cost_ratio is None or b.steps - b.probe_ended < WARMUP_STEPS:
             return False
-        return self.estimates.batch_expected_tokens(self.probe_k) > b.probe_cost_ratio / (1 - PREFER_SMALLER)
+        return batch_yield[self.probe_k] > b.probe_cost_ratio / (1 - PREFER_SMALLER)
 
     def record_step(self, batch_size: int, k: int, num_spec: int, tokens: int, seconds: float,
                     draft_passes: list[tuple[int, float]] = ()) -> None:
@@ -307,12 +321,8 @@ class SpecController:
         b.next_probe = b.steps + (MAX_REPROBE if hopeless else b.interval)
         b.interval = min(2 * b.interval, MAX_REPROBE)
 
-    def record_verification(self, seq_id: int, num_accepted: int, num_requested: int) -> None:
-        """One verification of sequence `seq_id` (real, or a shadow one of free proposals):
-        `num_accepted` of the `num_requested` proposals it asked for were accepted (a proposer that
-        found fewer counts as rejected at the first missing one)."""
-        self.estimates.record(seq_id, num_accepted, num_requested)
-
-    def release(self, seq_id: int) -> None:
-        """The sequence finished: forget its own counts (the pooled ones keep its verifications)."""
-        self.estimates.release(seq_id)
+    def record_verification(self, own: AcceptanceCounts, num_accepted: int, num_requested: int) -> None:
+        """One verification of a sequence whose own counts are `own` (real, or a shadow one of free
+        proposals): `num_accepted` of the `num_requested` proposals it asked for were accepted (a
+        proposer that found fewer counts as rejected at the first missing one)."""
+        self.estimates.record(own, num_accepted, num_requested)

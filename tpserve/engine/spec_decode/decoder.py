@@ -1,46 +1,30 @@
-"""Speculative decoding inside an engine step: propose before the target forward, verify after.
+"""Speculative decoding inside an engine step: every piece of glue between the engine and the
+proposer, the verifier and the k controller.
 
-The engine asks `plan_k` for this step's k, lets the scheduler reserve k lookahead slots per
-decoding sequence, calls `propose` for those sequences, appends the proposals to their SeqWork
-(the target then computes logits at all k + 1 positions in the same forward as everything else),
-and finally `verify`s each sequence's rows. Rolled-back positions need no cleanup in either KV
-cache: they lie past num_computed_tokens and are overwritten before they are ever read. Decoding
-sequences that did not speculate are `observe`d: with free proposals (n-gram lookup) and an
-adaptive controller, their shadow verifications keep the acceptance estimate current while off.
+Per step the engine calls, in order: `plan_step` (this step's k, and each decoding sequence's
+lookahead, which the scheduler reserves), `propose` (sets each speculating item's proposal; the
+target then computes logits at all k + 1 positions in the same forward as everything else),
+`verify` (the tokens each speculating item emits) and, after the scheduler's update, `after_step`
+(per-request totals, the draft's valid positions, shadow verification while off, and the step's
+cost for the controller). Rolled-back positions need no cleanup in either KV cache: they lie past
+num_computed_tokens and are overwritten before they are ever read. Everything per sequence lives
+in `seq.spec` (state.py); `release` settles what a finished sequence leaves here.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import heapq
 
 import torch
 
 from tpserve.engine.sampler import process_logits
+from tpserve.engine.scheduler import SchedulerOutput, ScheduledSeq
 from tpserve.engine.sequence import Sequence
 from tpserve.engine.spec_decode.controller import SpecController
-from tpserve.engine.spec_decode.proposers import Proposal, with_history
+from tpserve.engine.spec_decode.proposers import with_history
 from tpserve.engine.spec_decode.rejection import verify_greedy, verify_sampled
 from tpserve.engine.spec_decode.shadow import ShadowVerifier
-
-
-@dataclass
-class SpecTotals:
-    num_proposed: int = 0
-    num_accepted: int = 0
-    num_spec_steps: int = 0  # sequence-steps that verified at least one proposal
-    num_target_forwards: int = 0  # sequence-steps that produced tokens
-    num_output_tokens: int = 0
-
-    def as_dict(self) -> dict:
-        return {
-            "num_proposed_tokens": self.num_proposed,
-            "num_accepted_tokens": self.num_accepted,
-            "num_target_forwards": self.num_target_forwards,
-            "acceptance_rate": self.num_accepted / self.num_proposed if self.num_proposed else 0.0,
-            "mean_accepted_length": self.num_accepted / self.num_spec_steps if self.num_spec_steps else 0.0,
-            "tokens_per_target_forward": (self.num_output_tokens / self.num_target_forwards
-                                          if self.num_target_forwards else 0.0),
-        }
+from tpserve.engine.spec_decode.state import SpecStats, SpecTotals, spec_state
 
 
 class SpecDecoder:
@@ -49,43 +33,59 @@ class SpecDecoder:
         self.controller = controller
         self.max_model_len = max_model_len
         self.totals = SpecTotals()
-        self.per_seq: dict[int, SpecTotals] = {}
-        self._passes: list[tuple[int, float]] = []  # the draft passes of this step's propose
-        self.shadow = (ShadowVerifier(proposer.indexed_lookup, controller.max_k, controller.record_verification)
+        self.shadow = (ShadowVerifier(proposer.indexed_lookup, controller.max_k, self._record_verification)
                        if proposer.free_proposals and controller.adaptive else None)
+        self._k = 0  # this step's k, from plan_step
+        self._passes: list[tuple[int, float]] = []  # the draft passes of this step's propose
 
-    def plan_k(self, decoding: list[int]) -> tuple[int, int]:
-        """decoding: ids of the decoding sequences -> (k, how many of them speculate this step)."""
-        return self.controller.choose_k(decoding)
+    # --- before the forward -------------------------------------------------------------------
+    def plan_step(self, running: list[Sequence]):
+        """Choose this step's k from the running decoding sequences; returns each sequence's
+        lookahead for the scheduler. When only some speculate (a probe), they are the ones
+        cheapest for the proposer to catch up on. Seeded sampled requests always get the fixed
+        largest k, so their random draws (and tokens) do not depend on load."""
+        decoding = [s for s in running if s.is_decoding]
+        k, count = self.controller.choose_k([spec_state(s).acceptance for s in decoding])
+        self._k = k
+        speculating = None if count >= len(decoding) else set(
+            heapq.nsmallest(count, decoding, key=self.proposer.pending_tokens))
+        max_k = self.controller.max_k
 
-    def observe(self, seq: Sequence, num_new: int) -> None:
-        """A decoding sequence emitted `num_new` tokens without speculating."""
-        if self.shadow is not None:
-            self.shadow.observe(seq, num_new)
+        def lookahead(seq: Sequence) -> int:
+            if seq.params.seed is not None and not seq.params.greedy:
+                return max_k
+            return k if speculating is None or seq in speculating else 0
 
-    def cap(self, seq: Sequence, k: int) -> int:
-        """Never propose past max_tokens or the max model length."""
+        return lookahead
+
+    def propose(self, batch: SchedulerOutput) -> None:
+        """Give each item with lookahead its proposal (never past max_tokens or the model length)."""
+        items = [item for item in batch.scheduled if item.num_lookahead > 0]
+        self._passes = []
+        if not items:
+            return
+        ks = [self._cap(item.seq, item.num_lookahead) for item in items]
+        proposals = self.proposer.propose([item.seq for item in items], ks)
+        self._passes = self.proposer.last_passes
+        for item, k, proposal in zip(items, ks, proposals):
+            if k > 0:
+                item.proposal = proposal
+
+    def _cap(self, seq: Sequence, k: int) -> int:
         room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - seq.num_tokens) - 1
         return max(0, min(k, room))
 
-    def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
-        proposals = self.proposer.propose(seqs, ks)
-        self._passes = self.proposer.last_passes
-        return proposals
-
-    def record_step(self, num_seqs: int, k: int, num_spec: int, tokens: int, seconds: float) -> None:
-        """Called once per decode-only step, after `propose` if the step proposed anything."""
-        passes, self._passes = self._passes, []
-        self.controller.record_step(num_seqs, k, num_spec, tokens, seconds, passes)
-
-    def verify(self, batch: list[tuple[Sequence, torch.Tensor, Proposal, torch.Generator]],
-               eos_token_ids: tuple[int, ...]) -> list[list[int]]:
-        """For each (seq, raw logits [k + 1, V] at the last token and each proposal, proposal,
-        generator) -> the tokens to emit. Logits processing runs once over all rows."""
-        views = [with_history(seq, prop.tokens[:i]) for seq, _, prop, _ in batch for i in range(len(prop.tokens) + 1)]
-        processed = process_logits(torch.cat([rows for _, rows, _, _ in batch]), views, eos_token_ids)
-        out, start = [], 0
-        for seq, rows, proposal, generator in batch:
+    # --- after the forward --------------------------------------------------------------------
+    def verify(self, items: list[tuple[ScheduledSeq, torch.Tensor]], sampler) -> None:
+        """For each speculating item and its raw logits [k + 1, V] (at the last known token and at
+        each proposal), set the tokens it emits and their logprobs. Logits processing runs once
+        over all rows."""
+        views = [with_history(item.seq, item.proposal.tokens[:i])
+                 for item, _ in items for i in range(len(item.proposal.tokens) + 1)]
+        processed = process_logits(torch.cat([rows for _, rows in items]), views, sampler.eos_token_ids)
+        start = 0
+        for item, rows in items:
+            seq, proposal = item.seq, item.proposal
             props = proposal.tokens
             mine = processed[start : start + len(props) + 1]
             start += len(props) + 1
@@ -96,25 +96,53 @@ class SpecDecoder:
                 if draft_probs is None:  # deterministic proposer: one-hot draft distribution
                     draft_probs = torch.zeros(len(props), rows.shape[-1], device=rows.device)
                     draft_probs[torch.arange(len(props)), torch.tensor(props, dtype=torch.long)] = 1.0
-                tokens = verify_sampled(mine.softmax(dim=-1), draft_probs, props, generator)
+                tokens = verify_sampled(mine.softmax(dim=-1), draft_probs, props, sampler.generator_for(seq))
             if self.shadow is not None:
-                self.shadow.forget(seq.seq_id)
-            self.controller.record_verification(seq.seq_id, len(tokens) - 1, proposal.requested)
-            out.append(tokens)
-        return out
+                self.shadow.forget(seq)
+            self._record_verification(seq, len(tokens) - 1, proposal.requested)
+            item.tokens = tokens
+            item.logprobs = sampler.logprobs(rows[: len(tokens)], [seq] * len(tokens), tokens)
 
-    def account(self, seq: Sequence, num_proposed: int, num_accepted: int, num_emitted: int) -> None:
-        for totals in (self.totals, self.per_seq.setdefault(seq.seq_id, SpecTotals())):
-            totals.num_proposed += num_proposed
-            totals.num_accepted += num_accepted
-            totals.num_spec_steps += 1 if num_proposed else 0
-            totals.num_target_forwards += 1
-            totals.num_output_tokens += num_emitted
+    def _record_verification(self, seq: Sequence, num_accepted: int, num_requested: int) -> None:
+        self.controller.record_verification(spec_state(seq).acceptance, num_accepted, num_requested)
 
-    def finish(self, seq: Sequence) -> dict | None:
-        self.proposer.release(seq.seq_id)
-        self.controller.release(seq.seq_id)
+    def after_step(self, batch: SchedulerOutput, seconds: float) -> None:
+        """After the scheduler's update: count what each item emitted, move the draft's valid
+        positions back to what the target kept, shadow-verify decoding sequences that did not
+        speculate, and give the controller the cost of a step that only decoded (`seconds`, the
+        whole engine step so far)."""
+        emitted = 0
+        for item in batch.scheduled:
+            if not item.tokens:
+                continue
+            seq = item.seq
+            emitted += len(item.tokens)
+            num_proposed = len(item.proposal.tokens) if item.proposal is not None else 0
+            num_accepted = len(item.tokens) - 1 if item.proposal is not None else 0
+            self.totals.add(num_proposed, num_accepted, len(item.tokens))
+            spec_state(seq).totals.add(num_proposed, num_accepted, len(item.tokens))
+            if seq.is_finished:
+                continue
+            if item.proposal is not None:
+                self.proposer.on_verified(seq)
+            elif item.decoding and self.shadow is not None:
+                self.shadow.observe(seq, len(item.tokens))
+        passes, self._passes = self._passes, []
+        if all(item.decoding and item.num_new_tokens == 1 for item in batch.scheduled):
+            # Steps that only decode measure what each k is worth on this machine, whole step included.
+            num_spec = sum(item.proposal is not None for item in batch.scheduled)
+            self.controller.record_step(len(batch.scheduled), self._k, num_spec, emitted, seconds, passes)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    def release(self, seq: Sequence) -> SpecStats | None:
+        """A sequence finished: give up its shadow place; returns its totals (None if it never
+        emitted a token)."""
         if self.shadow is not None:
-            self.shadow.forget(seq.seq_id)
-        totals = self.per_seq.pop(seq.seq_id, None)
-        return totals.as_dict() if totals else None
+            self.shadow.forget(seq)
+        return seq.spec.totals.stats() if seq.spec is not None and seq.spec.totals.num_target_forwards else None
+
+    def leftovers(self) -> dict[str, int]:
+        """What speculation holds for sequences (zero once every sequence has finished)."""
+        runner = getattr(self.proposer, "runner", None)  # a draft model's
+        return {"shadow_tracked": self.shadow.num_tracked if self.shadow is not None else 0,
+                "draft_block_tables": len(runner.block_tables) if runner is not None else 0}

@@ -2,10 +2,11 @@
 
 `DraftProposer` runs a small draft model (unsharded) with its own KV cache tensors that share the
 target's block tables: the draft's K/V for a position lives in the same block and slot as the
-target's, so no second block manager is needed. Each sequence's draft keeps its own count of
-positions it has computed (from 0, never trusting prefix-cache hits, whose draft K/V another
-sequence may never have written), catches up on them in its first pass, then proposes one token
-per batched pass.
+target's, so no second block manager is needed. Each sequence counts the positions its draft has
+computed (`seq.spec.draft_computed`, from 0, never trusting prefix-cache hits, whose draft K/V
+another sequence may never have written); the draft catches up on the rest in its first pass,
+then proposes one token per batched pass. Every pass sends full block tables, which the draft's
+runner forgets after each `propose`.
 
 `NgramProposer` (prompt lookup) copies the tokens that followed the most recent earlier occurrence
 of the sequence's last n tokens; its proposals are deterministic (one-hot draft distributions).
@@ -20,6 +21,7 @@ import torch
 
 from tpserve.engine.sampler import process_logits
 from tpserve.engine.sequence import Sequence
+from tpserve.engine.spec_decode.state import spec_state
 from tpserve.engine.step import SeqWork, StepPlan
 
 
@@ -45,7 +47,6 @@ class DraftProposer:
         self.runner = runner
         self.eos_token_ids = eos_token_ids
         self.generator_for = generator_for
-        self._computed: dict[int, tuple[int, int]] = {}  # seq_id -> (num_preemptions, positions)
         self.num_forwards = 0
         self.last_passes: list[tuple[int, float]] = []  # (tokens, seconds) of each pass of the last propose
 
@@ -53,9 +54,10 @@ class DraftProposer:
         """Tokens the draft would have to catch up on before proposing for `seq`."""
         return seq.num_tokens - self._draft_computed(seq)
 
-    def _draft_computed(self, seq: Sequence) -> int:
-        preemptions, count = self._computed.get(seq.seq_id, (seq.num_preemptions, 0))
-        return count if preemptions == seq.num_preemptions else 0
+    @staticmethod
+    def _draft_computed(seq: Sequence) -> int:
+        state = spec_state(seq)
+        return state.draft_computed if state.draft_preemptions == seq.num_preemptions else 0
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
         proposals = [Proposal([], requested=k) for k in ks]
@@ -89,29 +91,26 @@ class DraftProposer:
                 probs[i].append(p)
             # The tokens above were read back to the host, so the pass has finished on any device.
             self.last_passes.append((sum(len(w.token_ids) for w in works), time.perf_counter() - started))
+        self.runner.forget_block_tables()
         for i, seq in enumerate(seqs):
             if ks[i] > 0:
                 # K/V written for the last known token and all proposals but the newest.
-                self._computed[seq.seq_id] = (seq.num_preemptions, seq.num_tokens + ks[i] - 1)
+                state = spec_state(seq)
+                state.draft_preemptions, state.draft_computed = seq.num_preemptions, seq.num_tokens + ks[i] - 1
             if probs[i]:
                 proposals[i].draft_probs = torch.stack(probs[i])
         return proposals
 
     def on_verified(self, seq: Sequence) -> None:
         """After verification only positions the target kept are valid for the draft too."""
-        if seq.seq_id in self._computed:
-            preemptions, count = self._computed[seq.seq_id]
-            self._computed[seq.seq_id] = (preemptions, min(count, seq.num_computed_tokens))
-
-    def release(self, seq_id: int) -> None:
-        self._computed.pop(seq_id, None)
-        self.runner.block_tables.pop(seq_id, None)
+        state = spec_state(seq)
+        state.draft_computed = min(state.draft_computed, seq.num_computed_tokens)
 
 
 class NgramProposer:
-    """Prompt lookup. `lookup` states the rule; `propose` applies it through an index per sequence
-    that is extended by the tokens appended since the last call (a sequence's tokens only ever
-    grow), so each step costs O(new tokens + k) instead of a scan of the whole context."""
+    """Prompt lookup. `lookup` states the rule; `propose` applies it through the sequence's index
+    (`seq.spec.ngram`), extended by the tokens appended since the last call (a sequence's tokens
+    only ever grow), so each step costs O(new tokens + k) instead of a scan of the whole context."""
 
     free_proposals = True  # a lookup in the token history; only verification is paid for
     last_passes: list[tuple[int, float]] = []  # no model passes
@@ -120,8 +119,6 @@ class NgramProposer:
         self.max_ngram = max_ngram
         self.min_ngram = min_ngram
         self.num_forwards = 0
-        # seq_id -> (tokens indexed, {n: {n-gram: latest start whose n-gram has a following token}})
-        self._index: dict[int, tuple[int, dict[int, dict[tuple, int]]]] = {}
 
     def lookup(self, tokens: list[int], k: int) -> list[int]:
         """The up to k tokens that followed the most recent earlier occurrence of the longest
@@ -136,19 +133,21 @@ class NgramProposer:
                         return follow
         return []
 
-    def indexed_lookup(self, seq_id: int, tokens: list[int], k: int, end: int | None = None) -> list[int]:
-        """`lookup(tokens[:end], k)` through the sequence's index, which is extended by the tokens
-        before `end` (default: all) that it has not seen yet."""
+    def indexed_lookup(self, seq: Sequence, k: int, end: int | None = None) -> list[int]:
+        """`lookup(seq.token_ids[:end], k)` through the sequence's index, which is extended by the
+        tokens before `end` (default: all) that it has not seen yet."""
+        tokens = seq.token_ids
         end = len(tokens) if end is None else end
-        done, grams = self._index.get(seq_id, (0, {}))
-        if done > end:  # never expected (tokens only grow), but never trust a stale index
-            done, grams = 0, {}
+        index = spec_state(seq).ngram
+        if index.num_indexed > end:  # never expected (tokens only grow), but never trust a stale index
+            index.num_indexed, index.grams = 0, {}
+        grams = index.grams
         # An n-gram starting at s is indexed once its following token (at s + n) exists.
         for n in range(self.min_ngram, self.max_ngram + 1):
             table = grams.setdefault(n, {})
-            for start in range(max(0, done - n), end - n):
+            for start in range(max(0, index.num_indexed - n), end - n):
                 table[tuple(tokens[start : start + n])] = start
-        self._index[seq_id] = (end, grams)
+        index.num_indexed = end
         for n in range(min(self.max_ngram, end - 1), self.min_ngram - 1, -1):
             start = grams[n].get(tuple(tokens[end - n : end]))
             if start is not None:
@@ -159,11 +158,7 @@ class NgramProposer:
         return 0
 
     def propose(self, seqs: list[Sequence], ks: list[int]) -> list[Proposal]:
-        return [Proposal(self.indexed_lookup(seq.seq_id, seq.token_ids, k) if k > 0 else [], requested=k)
-                for seq, k in zip(seqs, ks)]
+        return [Proposal(self.indexed_lookup(seq, k) if k > 0 else [], requested=k) for seq, k in zip(seqs, ks)]
 
     def on_verified(self, seq: Sequence) -> None:
         pass
-
-    def release(self, seq_id: int) -> None:
-        self._index.pop(seq_id, None)

@@ -11,65 +11,64 @@ proposal. `ShadowVerifier` replays that rule and reports each verification specu
 made, so the controller's acceptance estimate stays current while it is off. It follows at most
 `max_tracked` sequences at a time (a sample is enough for an estimate, and a lookup per sequence
 per step would cost a large batch more than the estimate is worth); a sequence is followed from
-the first step it is observed with room to spare until it speculates or finishes.
+the first step it is observed with room to spare until it speculates or finishes. Its pending
+proposal lives on the sequence (`seq.spec.shadow`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 from tpserve.engine.sequence import Sequence
-
-
-@dataclass
-class _Pending:
-    tokens: list[int]  # the shadow proposal
-    matched: int = 0  # how many of them the target has emitted so far
-    bonus_next: bool = False  # all matched: the next token is the bonus, then a fresh proposal
+from tpserve.engine.spec_decode.state import ShadowProposal, spec_state
 
 
 class ShadowVerifier:
     def __init__(self, lookup, k: int, record, max_tracked: int = 8) -> None:
-        """lookup(seq_id, tokens, k, end) -> the proposal made from tokens[:end];
-        record(seq_id, num_accepted, num_requested) receives each shadow verification."""
+        """lookup(seq, k, end) -> the proposal made from seq.token_ids[:end];
+        record(seq, num_accepted, num_requested) receives each shadow verification."""
         self.lookup = lookup
         self.k = k
         self.record = record
         self.max_tracked = max_tracked
-        self._tracked: set[int] = set()
-        self._pending: dict[int, _Pending] = {}
+        self.num_tracked = 0  # sequences followed now (each marked in its own state)
 
     def observe(self, seq: Sequence, num_new: int) -> None:
         """`seq` just emitted its last `num_new` tokens without speculating."""
-        if seq.seq_id not in self._tracked:
-            if len(self._tracked) >= self.max_tracked:
+        state = spec_state(seq)
+        if not state.shadow_tracked:
+            if self.num_tracked >= self.max_tracked:
                 return
-            self._tracked.add(seq.seq_id)
-        tokens = seq.token_ids
-        for pos in range(len(tokens) - num_new, len(tokens)):
-            self._observe_one(seq.seq_id, tokens, pos)
+            state.shadow_tracked = True
+            self.num_tracked += 1
+        for pos in range(seq.num_tokens - num_new, seq.num_tokens):
+            self._observe_one(seq, pos)
 
-    def _observe_one(self, seq_id: int, tokens: list[int], pos: int) -> None:
-        p = self._pending.get(seq_id)
+    def _observe_one(self, seq: Sequence, pos: int) -> None:
+        state = seq.spec
+        p = state.shadow
         if p is not None and p.bonus_next:
-            del self._pending[seq_id]
+            state.shadow = None
             return
         if p is None:
-            proposal = self.lookup(seq_id, tokens, self.k, pos)
+            proposal = self.lookup(seq, self.k, pos)
             if not proposal:
-                self.record(seq_id, 0, self.k)
+                self.record(seq, 0, self.k)
                 return
-            p = self._pending[seq_id] = _Pending(proposal)
-        if tokens[pos] != p.tokens[p.matched]:
-            self.record(seq_id, p.matched, self.k)
-            del self._pending[seq_id]
+            p = state.shadow = ShadowProposal(proposal)
+        if seq.token_ids[pos] != p.tokens[p.matched]:
+            self.record(seq, p.matched, self.k)
+            state.shadow = None
             return
         p.matched += 1
         if p.matched == len(p.tokens):
-            self.record(seq_id, p.matched, self.k)
+            self.record(seq, p.matched, self.k)
             p.bonus_next = True
 
-    def forget(self, seq_id: int) -> None:
+    def forget(self, seq: Sequence) -> None:
         """The sequence speculated (its real verification takes over) or finished."""
-        self._tracked.discard(seq_id)
-        self._pending.pop(seq_id, None)
+        state = seq.spec
+        if state is None:
+            return
+        if state.shadow_tracked:
+            state.shadow_tracked = False
+            self.num_tracked -= 1
+        state.shadow = None

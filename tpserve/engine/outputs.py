@@ -1,0 +1,45 @@
+"""What the engine reports: each step's output per request, and its statistics."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from tpserve.engine.sampler import TokenLogprobs
+from tpserve.engine.sequence import RequestTimes
+from tpserve.engine.spec_decode.state import SpecStats
+
+
+@dataclass
+class RequestOutput:
+    """What one step produced for one request: new tokens and the new text only (a delta). The
+    last output of a request has `finished` set, its lifecycle `times` and, with speculative
+    decoding, its `speculation` counts."""
+
+    request_id: str
+    new_token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprobs] = field(default_factory=list)
+    finished: bool = False
+    finish_reason: str | None = None
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    num_cached_tokens: int = 0
+    time_to_first_token: float | None = None
+    times: RequestTimes | None = None
+    speculation: SpecStats | None = None
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A snapshot of the engine, read in O(1): every count is kept as it changes."""
+
+    num_waiting: int
+    num_running: int
+    kv_blocks_free: int
+    kv_blocks_cached: int
+    kv_blocks_in_use: int
+    kv_blocks_total: int
+    prefix_cache_hit_rate: float
+    num_preemptions: int
+    num_steps: int
+    speculation: SpecStats | None = None
