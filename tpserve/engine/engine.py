@@ -126,17 +126,16 @@ class LLMEngine:
         return [self._output(seq) for seq in seqs]
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        start = seq.num_prompt_tokens + seq.num_emitted_tokens
-        out = RequestOutput(seq.request_id, seq.token_ids[start:], logprobs=seq.unsent_logprobs,
-                            finished=seq.is_finished, finish_reason=seq.finish_reason,
-                            num_prompt_tokens=seq.num_prompt_tokens, num_output_tokens=seq.num_output_tokens,
-                            num_cached_tokens=seq.num_cached_tokens,
-                            time_to_first_token=seq.times.time_to_first_token)
-        seq.num_emitted_tokens = seq.num_output_tokens
+        num_prompt, num_output, finished = seq.num_prompt_tokens, seq.num_output_tokens, seq.is_finished
+        times = seq.times
+        ttft = None if times.first_token is None else times.first_token - times.arrival
+        text = "" if seq.detokenizer is None else seq.detokenizer.delta(finished=finished)
+        out = RequestOutput(seq.request_id, seq.token_ids[num_prompt + seq.num_emitted_tokens :], text,
+                            seq.unsent_logprobs, finished, seq.finish_reason, num_prompt, num_output,
+                            seq.num_cached_tokens, ttft)
+        seq.num_emitted_tokens = num_output
         seq.unsent_logprobs = []
-        if seq.detokenizer is not None:
-            out.text = seq.detokenizer.delta(finished=seq.is_finished)
-        if seq.is_finished:
+        if finished:
             del self._requests[seq.request_id]
             out.times = seq.times
             if self.spec is not None:

@@ -62,7 +62,7 @@ def check_feasible(seq: Sequence, max_model_len: int, num_blocks: int, block_siz
         )
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class ScheduledSeq:
     """One sequence's share of a step: what was scheduled (fixed when scheduled), the proposal
     speculation adds before the forward, and the tokens sampled after it."""
@@ -73,8 +73,8 @@ class ScheduledSeq:
     samples: bool = field(init=False)  # the step reaches the end of the sequence's known tokens
     decoding: bool = field(init=False)  # ... and samples a decoding sequence's next token
     proposal: Any = None  # spec_decode.Proposal, set before the forward
-    tokens: list[int] = field(default_factory=list)  # accepted proposals + one sampled token
-    logprobs: list = field(default_factory=list)
+    tokens: list[int] = ()  # accepted proposals + one sampled token (a list once sampled)
+    logprobs: list = ()
 
     def __post_init__(self) -> None:
         self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
@@ -200,34 +200,39 @@ class Scheduler:
             self.block_manager.commit(seq, seq.num_computed_tokens)
             if not item.tokens:
                 continue
-            self._append(seq, item.tokens, item.logprobs, now)
-            if not seq.is_finished and item.num_lookahead:
+            if not self._append(seq, item.tokens, item.logprobs, now) and item.num_lookahead:
                 self._release_lookahead(seq)
             updated.append(seq)
         return updated
 
-    def _append(self, seq: Sequence, tokens: list[int], logprobs: list, now: float) -> None:
-        """Append tokens one at a time until one finishes the request; later ones are dropped."""
+    def _append(self, seq: Sequence, tokens: list[int], logprobs: list, now: float) -> bool:
+        """Append tokens one at a time until one finishes the request (later ones are dropped).
+        Returns whether it finished."""
         p = seq.params
         detok = seq.detokenizer
-        if seq.times.first_token is None:
-            seq.times.first_token = now
+        times = seq.times
+        if times.first_token is None:
+            times.first_token = now
         for token, lp in zip(tokens, logprobs):
             seq.token_ids.append(token)
-            seq.times.token_times.append(now)
+            times.token_times.append(now)
             if lp is not None:
                 seq.unsent_logprobs.append(lp)
-            may_stop = seq.num_output_tokens >= p.min_tokens
+            num_output = seq.num_output_tokens
+            may_stop = num_output >= p.min_tokens
             if detok is not None:
                 detok.add([token], check_stop=may_stop)
             if may_stop and (token in p.stop_token_ids or (not p.ignore_eos and token in self.eos_token_ids)):
-                self.finish(seq, "stop")
+                reason = "stop"
             elif detok is not None and detok.stopped_by is not None:
-                self.finish(seq, "stop")
-            elif seq.num_output_tokens >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
-                self.finish(seq, "length")
-            if seq.is_finished:
-                return
+                reason = "stop"
+            elif num_output >= p.max_tokens or seq.num_tokens >= self.config.max_model_len:
+                reason = "length"
+            else:
+                continue
+            self.finish(seq, reason)
+            return True
+        return False
 
     def _release_lookahead(self, seq: Sequence) -> None:
         """Free the blocks reserved for proposals past the sequence's tokens; the workers keep

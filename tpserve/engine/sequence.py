@@ -23,7 +23,7 @@ class SeqStatus(enum.Enum):
     FINISHED = "finished"
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestTimes:
     """Lifecycle timestamps of one request (time.monotonic seconds), the raw material of metrics."""
 
@@ -68,7 +68,7 @@ class RequestTimes:
         return [b - a for a, b in zip(t, t[1:])]
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class Sequence:
     """`token_ids` = prompt + output. `num_computed_tokens` counts tokens whose K/V are in the
     cache; `num_cached_tokens` counts prompt tokens found in the prefix cache at admission.

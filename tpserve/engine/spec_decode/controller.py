@@ -10,15 +10,9 @@ that converge at different speeds:
   of the whole engine step's seconds (draft passes, verification and sampling included) when the
   whole batch speculates with k. Step times vary little from step to step.
 - the *yield*: tokens per sequence-step are very noisy (a step emits anything from 1 to k + 1), so
-  they are not averaged per k. Instead each sequence has acceptance rates r_1, r_2, ... by proposal
-  position (r_j: the chance that proposal j is accepted once all before it were), estimated from
-  its own recent verifications and shrunk, position by position, towards the pooled rates of
-  every sequence (`acceptance.py`). A new request therefore starts from what requests typically
-  achieve, not from what the request before it happened to achieve, and its own text takes over
-  within a few steps. A sequence speculating with k emits on average E_k = 1 + r_1 + r_1 r_2 + ...
-  + r_1 ... r_k tokens; rates by position, rather than one rate for independent coin flips, keep
-  bursty acceptance (a draft that is right for a whole stretch or wrong at once) from being
-  over-predicted. The batch yields the sum over its sequences.
+  they are not averaged per k; they come from acceptance rates by proposal position, per sequence
+  and pooled (`acceptance.py` explains the model): a sequence speculating with k emits E_k tokens
+  on average, and the batch yields the sum over its sequences.
 
 The predicted throughput of k is sum_i E_k / cost_k; the smallest k predicted within
 PREFER_SMALLER of the best is chosen (a larger k is more sensitive to an error in the acceptance
