@@ -164,7 +164,8 @@ def flash_prefill(
         raise ValueError(f"cache dtype {k_cache.dtype}/{v_cache.dtype} must match q dtype {q.dtype}")
     index_tensors = {"slot_mapping": slot_mapping, "query_start_loc": query_start_loc, "seq_lens": seq_lens,
                      "block_tables": block_tables}
-    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out), *index_tensors.items()):
+    for name, t in (("k", k), ("v", v), ("k_cache", k_cache), ("v_cache", v_cache), ("out", out),
+                    *index_tensors.items()):
         if t is not None and t.device != q.device:
             raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if slot_mapping.shape != (num_tokens,):

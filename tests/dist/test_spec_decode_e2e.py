@@ -43,7 +43,8 @@ def _rank(model_dir, draft_dir, method, num_blocks, prompts, policy):
     engine.shutdown()
     return {"tokens": [r.token_ids for r in results], "cached": sum(r.num_cached_tokens for r in results),
             "preemptions": preemptions[0], "spec": asdict(stats.speculation) if stats.speculation else None,
-            "in_use": stats.kv_blocks_in_use, "leftover": leftover, "pooled_trials": spec.controller.estimates.pooled_trials if spec is not None else 0}
+            "in_use": stats.kv_blocks_in_use, "leftover": leftover,
+            "pooled_trials": spec.controller.estimates.pooled_trials if spec is not None else 0}
 
 
 @pytest.fixture(scope="module")
