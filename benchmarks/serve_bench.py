@@ -6,8 +6,16 @@ p95, p99), request and output-token throughput, and goodput under the given SLOs
 --compare-offline it also runs the same workload through the offline engine in this process and
 reports the server's throughput with --concurrency streaming clients as a fraction of it.
 
+Given several running servers (`--address NAME=HOST:PORT ...`), each load runs on each of them in
+turn, `--repeats` times with the order rotated, so that two servers (two revisions, two
+configurations) are compared through the same bursts of machine noise; the table gives each
+server's medians and, for the others, the median over repeats of the ratio to the first server's
+run of the same repeat (`vs_first`: output throughput, and mean TTFT / TPOT, where below 1 is
+faster).
+
     python benchmarks/serve_bench.py --rates 2 8 inf --concurrency 64 --compare-offline
     python benchmarks/serve_bench.py --address host:50051 --rates 4     # an already running server
+    python benchmarks/serve_bench.py --address old=127.0.0.1:50051 new=127.0.0.1:50052 --repeats 5
 """
 
 from __future__ import annotations
@@ -93,6 +101,15 @@ def summarize(label, results, elapsed, slo_ttft, slo_tpot):
     return row
 
 
+def median_row(rows: list[dict]) -> dict:
+    """Each numeric field's median over repeated runs of one load."""
+    out = dict(rows[0])
+    for key, value in rows[0].items():
+        if isinstance(value, (int, float)):
+            out[key] = statistics.median(r[key] for r in rows)
+    return out
+
+
 def start_server(args):
     from dist_ports import free_port
 
@@ -138,7 +155,9 @@ def offline_throughput(args, work):
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--address", default=None, help="a running server; default: start one (1 process)")
+    p.add_argument("--address", nargs="+", default=None,
+                   help="running servers, as HOST:PORT or NAME=HOST:PORT; default: start one (1 process)")
+    p.add_argument("--repeats", type=int, default=1, help="runs of each load on each server (medians reported)")
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="float32")
     p.add_argument("--num-requests", type=int, default=64)
@@ -160,29 +179,47 @@ def main() -> None:
     cfg = ModelConfig.from_dir(args.model or DEFAULT_MODEL_DIR)
     work = seeded_workload(args.num_requests, cfg.vocab_size, tuple(args.prompt_len), tuple(args.output_len), args.seed)
     proc = None
-    address = args.address
-    if address is None:
+    servers = dict(a.split("=", 1) if "=" in a else (a, a) for a in args.address or [])
+    if not servers:
         proc, address = start_server(args)
+        servers = {"server": address}
+    loads = [(f"poisson {rate:g}/s", rate, 0) for rate in args.rates]
+    if args.concurrency:
+        loads.append((f"concurrency {args.concurrency}", float("inf"), args.concurrency))
+    names = list(servers)
+    runs = {(load, name): [] for load, _, _ in loads for name in names}
     try:
-        wait_ready(address)
-        asyncio.run(run_load(address, work[:4], float("inf"), 4, args.seed))  # warm-up
-        rows = []
-        for rate in args.rates:
-            results, elapsed = asyncio.run(run_load(address, work, rate, 0, args.seed))
-            rows.append(summarize(f"poisson {rate:g}/s", results, elapsed, args.slo_ttft_ms, args.slo_tpot_ms))
-        if args.concurrency:
-            results, elapsed = asyncio.run(run_load(address, work, float("inf"), args.concurrency, args.seed))
-            rows.append(summarize(f"concurrency {args.concurrency}", results, elapsed, args.slo_ttft_ms,
-                                  args.slo_tpot_ms))
+        for address in servers.values():
+            wait_ready(address)
+            asyncio.run(run_load(address, work[:4], float("inf"), 4, args.seed))  # warm-up
+        for label, rate, concurrency in loads:
+            for r in range(args.repeats):
+                for name in names[r % len(names):] + names[: r % len(names)]:
+                    results, elapsed = asyncio.run(run_load(servers[name], work, rate, concurrency, args.seed))
+                    runs[(label, name)].append(summarize(label, results, elapsed, args.slo_ttft_ms, args.slo_tpot_ms))
     finally:
         if proc is not None:
             proc.terminate()
             proc.wait(timeout=60)
-    print_table(rows, ["load", "requests", "req_per_s", "out_tok_per_s", "ttft_mean_ms", "ttft_p50_ms", "ttft_p95_ms",
-                       "ttft_p99_ms", "tpot_mean_ms", "tpot_p95_ms", "itl_p50_ms", "itl_p95_ms", "e2e_p50_ms",
-                       "e2e_p95_ms", "goodput_req_per_s"])
+    rows = []
+    for label, _, _ in loads:
+        first = runs[(label, names[0])]
+        for name in names:
+            row = {"server": name, **median_row(runs[(label, name)])}
+            if name != names[0]:
+                for key, metric in (("tok_per_s", "out_tok_per_s"), ("ttft", "ttft_mean_ms"), ("tpot", "tpot_mean_ms")):
+                    row[f"vs_first_{key}"] = statistics.median(
+                        mine[metric] / theirs[metric] for mine, theirs in zip(runs[(label, name)], first))
+            rows.append(row)
+    columns = ["load", "requests", "req_per_s", "out_tok_per_s", "ttft_mean_ms", "ttft_p50_ms", "ttft_p95_ms",
+               "ttft_p99_ms", "tpot_mean_ms", "tpot_p95_ms", "itl_p50_ms", "itl_p95_ms", "e2e_p50_ms", "e2e_p95_ms",
+               "goodput_req_per_s"]
+    if len(names) > 1:
+        columns = ["server", *columns, "vs_first_tok_per_s", "vs_first_ttft", "vs_first_tpot"]
+    print_table(rows, columns)
     payload = {"rows": rows, "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
-               "num_requests": args.num_requests, "machine": machine_info()}
+               "num_requests": args.num_requests, "repeats": args.repeats, "servers": servers,
+               "runs": {f"{name} {load}": r for (load, name), r in runs.items()}, "machine": machine_info()}
     if args.compare_offline and args.concurrency:
         offline = offline_throughput(args, work)
         frac = rows[-1]["out_tok_per_s"] / offline
