@@ -30,7 +30,7 @@ def next_token(context: list[int]) -> int:
     return (context[-1] * 5 + context[-2 if n > 1 else -1] + n // 7) % (VOCAB - 3) + 3
 
 
-class _Mirror:
+class WorkerTables:
     """The block tables a worker rank holds (ModelRunner's code on a plain object)."""
 
     def __init__(self) -> None:
@@ -42,7 +42,7 @@ class _Mirror:
 class FakeDriver:
     def __init__(self, num_blocks: int, block_size: int, fail_at_step: int | None = None,
                  step_seconds: float = 0.0) -> None:
-        self.runner = _Mirror()
+        self.runner = WorkerTables()
         self.block_size = block_size
         self.slots = [[None] * block_size for _ in range(num_blocks)]
         self.num_steps = 0

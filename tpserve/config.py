@@ -7,6 +7,7 @@ Every value a user can get wrong is checked here, with a message that names the 
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,6 @@ class ModelConfig:
     bos_token_id: int | None = None
     eos_token_ids: tuple[int, ...] = ()
     dtype: torch.dtype = torch.float32
-    quant: QuantConfig | None = None  # the checkpoint's quantization_config; None for float weights
     hf_config: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
@@ -141,11 +141,16 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_ids=eos_ids,
             dtype=parse_dtype(dtype, config_dtype),
-            quant=QuantConfig.from_hf(hf),
             hf_config=hf,
         )
         cfg.validate()
         return cfg
+
+    @functools.cached_property
+    def quant(self) -> QuantConfig | None:
+        """The checkpoint's quantization_config (None for float weights), parsed on first use, so
+        that reading a model's shape does not depend on its quantisation being supported."""
+        return QuantConfig.from_hf(self.hf_config)
 
     @property
     def quantization(self) -> str:
@@ -162,16 +167,17 @@ class ModelConfig:
         if self.head_dim % 2:
             raise ConfigError(f"head_dim={self.head_dim} must be even for rotary embeddings")
 
-    def check_tp(self, tp_size: int) -> None:
-        """Fail with a clear message when the model, or its quantised checkpoint, cannot be split
-        `tp_size` ways."""
+    def check_tp(self, tp_size: int, quant: QuantConfig | None = None) -> None:
+        """Fail with a clear message when the model, or its quantised checkpoint (`quant`, default:
+        this config's), cannot be split `tp_size` ways."""
         problem = self._float_tp_problem(tp_size)
         if problem is not None:
             raise ConfigError(problem)
-        problem = self.quant_tp_problem(tp_size)
+        quant = quant or self.quant
+        problem = self.quant_tp_problem(tp_size, quant)
         if problem is not None:
-            raise ConfigError(f"{self.quant.name} checkpoint cannot run at tp_size={tp_size}: {problem}; "
-                              f"supported tp sizes: {self.supported_tp_sizes()}")
+            raise ConfigError(f"{quant.name} checkpoint cannot run at tp_size={tp_size}: {problem}; "
+                              f"supported tp sizes: {self.supported_tp_sizes(quant)}")
 
     def quant_tp_problem(self, tp_size: int, quant: QuantConfig | None = None) -> str | None:
         """Why `quant` (default: this checkpoint's) cannot be split `tp_size` ways, or None."""

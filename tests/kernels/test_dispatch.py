@@ -64,3 +64,18 @@ def test_imports_and_runs_without_triton():
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stderr
     assert "refused: backend 'triton' requested but the triton package is not installed" in res.stdout
+
+
+def test_triton_path_without_importable_kernels_fails_at_start_up(monkeypatch):
+    import importlib.util
+
+    from tpserve.errors import ConfigError
+
+    dispatch.require_kernels(torch.device("cpu"))  # the reference path needs no kernels
+    with dispatch.use_backend("triton"):
+        dispatch.require_kernels(torch.device("cpu"))  # installed: importable
+        real = importlib.util.find_spec
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tpserve.kernels"
+                            else real(name, *a))
+        with pytest.raises(ConfigError, match="tpserve.kernels cannot be imported.*install tpserve"):
+            dispatch.require_kernels(torch.device("cpu"))

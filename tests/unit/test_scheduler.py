@@ -138,13 +138,13 @@ def test_plan_diffs_keep_the_workers_tables_equal_to_rank_0s():
     """Full table the first time and after a preemption, appended ids and rollback truncation
     otherwise, drops after preemption and finish: a worker applying the plans always holds exactly
     the scheduled sequences' tables, and nothing once every sequence has finished."""
-    from tests.fake_engine import _Mirror
+    from tests.fake_engine import WorkerTables
 
     sched = make(num_blocks=14, block_size=4, budget=64)
     seqs = [new_seq(i, 6, max_tokens=12) for i in range(4)]
     for s in seqs:
         sched.add(s)
-    worker, full_tables, preempted = _Mirror(), 0, 0
+    worker, full_tables, preempted = WorkerTables(), 0, 0
     while sched.has_work():
         out = sched.schedule(num_lookahead=lambda seq: 2)  # every decode reserves 2, rejected at once
         plan = sched.plan(out)

@@ -1,12 +1,14 @@
 """Rank 0's engine: sequences in, per-step streamed outputs out.
 
-A sequence arrives validated and whole (tpserve.server.requests makes it, off the engine thread);
+A sequence arrives validated and whole (tpserve.server.requests makes it; a server does so on its
+front-end thread);
 `add_sequence` gives it an id and queues it. Each `step()` is schedule -> execute -> update ->
 emit: the scheduler plans the step (speculation reserves its lookahead first and proposes after),
 every rank runs the forward, rank 0 samples (speculation verifies its rows), the scheduler
 applies the result and finishes requests, and the engine emits each updated request's new output.
-Finishing or aborting a request is one path, `Scheduler.finish`; emitting a finished request
-settles the rest, and `leftovers()` shows that nothing stays behind.
+Finishing or aborting a request is one path, `Scheduler.finish` (which also gives speculation its
+say at once); emitting the finished request removes it from the engine, and `leftovers()` shows
+that nothing stays behind.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.eos_token_ids = tuple(eos_token_ids)
         self.block_manager = BlockManager(num_blocks, block_size, enable_prefix_caching)
-        self.scheduler = Scheduler(scheduler_config, self.block_manager, self.eos_token_ids)
+        self.scheduler = Scheduler(scheduler_config, self.block_manager, self.eos_token_ids, self._on_finish)
         self.sampler = Sampler(self.eos_token_ids, seed)
         self.spec = spec  # SpecDecoder or None
         self._seq_ids = itertools.count()
@@ -91,10 +93,13 @@ class LLMEngine:
             self._sample(batch, logits)
             updated = self.scheduler.update(batch, time.monotonic())
             if self.spec is not None:
-                self.spec.after_step(batch, time.perf_counter() - started)
+                self.spec.after_update(batch)
         elif self.scheduler.num_tables_to_drop:
             self.driver.step(StepPlan(finished=self.scheduler.take_tables_to_drop()))
-        return self._emit(updated)
+        outputs = self._emit(updated)
+        if self.spec is not None and batch.scheduled:
+            self.spec.record_step(batch, time.perf_counter() - started)
+        return outputs
 
     def _sample(self, batch: SchedulerOutput, logits) -> None:
         """Set each sampling item's tokens: one for a plain sequence; for a speculating one, its
@@ -139,8 +144,13 @@ class LLMEngine:
             del self._requests[seq.request_id]
             out.times = seq.times
             if self.spec is not None:
-                out.speculation = self.spec.release(seq)
+                out.speculation = self.spec.request_stats(seq)
         return out
+
+    def _on_finish(self, seq: Sequence) -> None:
+        """Run by Scheduler.finish, the one way a request ends."""
+        if self.spec is not None:
+            self.spec.release(seq)
 
     # --- state --------------------------------------------------------------------------------
     def stats(self) -> EngineStats:

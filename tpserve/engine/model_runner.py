@@ -12,6 +12,7 @@ from tpserve.config import CacheConfig, ConfigError, ModelConfig
 from tpserve.distributed import TPGroup
 from tpserve.engine.step import StepPlan
 from tpserve.models import build_model
+from tpserve.ops import dispatch
 from tpserve.ops.attention import AttentionMetadata
 from tpserve.quant.methods import quant_method_for
 from tpserve.weights import load_weights
@@ -41,6 +42,7 @@ class ModelRunner:
         self.cache_config = cache_config
         self.tp = tp
         self.device = tp.device
+        dispatch.require_kernels(self.device)
         self.model = build_model(model_config, tp, quant_method_for(model_config))
         load_weights(self.model, model_dir, show_progress=show_progress and tp.is_first)
         self.block_size = cache_config.block_size

@@ -73,8 +73,8 @@ class ScheduledSeq:
     samples: bool = field(init=False)  # the step reaches the end of the sequence's known tokens
     decoding: bool = field(init=False)  # ... and samples a decoding sequence's next token
     proposal: Any = None  # spec_decode.Proposal, set before the forward
-    tokens: list[int] = ()  # accepted proposals + one sampled token (a list once sampled)
-    logprobs: list = ()
+    tokens: list[int] | tuple = ()  # accepted proposals + one sampled token (a list once sampled)
+    logprobs: list | tuple = ()
 
     def __post_init__(self) -> None:
         self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
@@ -92,11 +92,13 @@ class SchedulerOutput:
 
 
 class Scheduler:
-    def __init__(self, config: SchedulerConfig, block_manager: BlockManager,
-                 eos_token_ids: tuple[int, ...] = ()) -> None:
+    def __init__(self, config: SchedulerConfig, block_manager: BlockManager, eos_token_ids: tuple[int, ...] = (),
+                 on_finish: Callable[[Sequence], None] | None = None) -> None:
+        """on_finish(seq) runs whenever a request ends (after its blocks are freed)."""
         self.config = config
         self.block_manager = block_manager
         self.eos_token_ids = tuple(eos_token_ids)
+        self.on_finish = on_finish
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -190,7 +192,7 @@ class Scheduler:
         """Apply a forward's result (each item's `tokens`, sampled or verified) at time `now`:
         the K/V of the step's tokens and of the accepted proposals are now computed, full blocks
         among them enter the prefix cache, the tokens are appended until one finishes the
-        request, and lookahead blocks beyond the sequence's tokens are released. Returns the
+        request, and the lookahead blocks a verified proposal did not fill are released. Returns the
         sequences that got output, in step order (finished ones included)."""
         updated = []
         for item in batch.scheduled:
@@ -200,7 +202,7 @@ class Scheduler:
             self.block_manager.commit(seq, seq.num_computed_tokens)
             if not item.tokens:
                 continue
-            if not self._append(seq, item.tokens, item.logprobs, now) and item.num_lookahead:
+            if not self._append(seq, item.tokens, item.logprobs, now) and item.proposal is not None:
                 self._release_lookahead(seq)
             updated.append(seq)
         return updated
@@ -255,6 +257,8 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
         seq.times.finished = time.monotonic()
+        if self.on_finish is not None:
+            self.on_finish(seq)
 
     def _preempt(self, seq: Sequence) -> None:
         self._release(seq)

@@ -25,6 +25,7 @@ def build_model(config: ModelConfig, tp: TPGroup, quant=None) -> nn.Module:
         raise ConfigError(
             f"architecture {config.architecture!r} is not supported; supported: {sorted(MODEL_REGISTRY)}"
         )
-    config.check_tp(tp.tp_size)  # heads, and quantisation groups vs row-parallel shards, before any allocation
+    # Heads, and quantisation groups vs row-parallel shards, before any allocation.
+    config.check_tp(tp.tp_size, quant.config if quant is not None else None)
     with tp.device:
         return cls(config, tp, quant).eval()

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import torch
 import torch.nn.functional as F
 
+from tpserve.errors import ConfigError
 from tpserve.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_cache
 from tpserve.ops.quant import w4a16_matmul_ref, w8a16_matmul_ref
 
@@ -54,6 +55,18 @@ def triton_available() -> bool:
     if _triton_available is None:
         _triton_available = importlib.util.find_spec("triton") is not None
     return _triton_available
+
+
+def require_kernels(device: torch.device) -> None:
+    """Fail at start-up, saying what to do, when computing on `device` will take the Triton path
+    but tpserve.kernels cannot be imported (a checkout put on PYTHONPATH instead of installed: the
+    kernels live in the repository's kernels/ directory and only the install maps them into the
+    package), rather than at the first forward."""
+    uses_triton = _backend == "triton" or (_backend == "auto" and device.type == "cuda" and triton_available())
+    if uses_triton and importlib.util.find_spec("tpserve.kernels") is None:
+        raise ConfigError("tpserve.kernels cannot be imported, but the Triton kernels are needed on "
+                          f"device {device}; install tpserve (scripts/install.sh, or pip install -e .) "
+                          "rather than putting the repository on PYTHONPATH")
 
 
 def _use_triton(x: torch.Tensor) -> bool:

@@ -102,6 +102,8 @@ class EngineLoop:
                 if self.draining and (not self._handles or time.monotonic() >= self._drain_deadline):
                     self._abort_all()
                     self._deliver(self.engine.step())
+                    # A request submitted just before the drain began may still be in the queue.
+                    self._end_open_requests(Unavailable("the server drained and shut down before this request ran"))
                     self.engine.shutdown()
                     logger.info("drained; shutting down")
                     return 0
@@ -168,6 +170,10 @@ class EngineLoop:
     def _fail(self, message: str) -> None:
         with self._lock:
             self.failed = message
+        self._end_open_requests(Unavailable(f"the server failed: {message}"))
+
+    def _end_open_requests(self, error: Unavailable) -> None:
+        with self._lock:
             handles, self._handles = self._handles, {}
         for handle in handles.values():
-            handle.put(Unavailable(f"the server failed: {message}"))
+            handle.put(error)

@@ -16,7 +16,9 @@ def generate(engine, prompts: list, params: SamplingParams | list[SamplingParams
              ) -> list[CompletedRequest]:
     """Prompts (text or token-id lists) -> their results, in input order. Every request is
     validated before any is queued, so a bad one (InvalidRequest naming the value and the limit)
-    runs none. The engine is left with nothing of these requests, worker tables included."""
+    runs none. Other requests live on the engine keep their place (their outputs are not collected
+here); when there are none, the engine is left with nothing of these requests, worker tables
+included."""
     params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
     factory = RequestFactory.for_engine(engine)
     batch = next(_batches)
@@ -28,8 +30,10 @@ def generate(engine, prompts: list, params: SamplingParams | list[SamplingParams
     for seq in seqs:
         engine.add_sequence(seq)
         results[seq.request_id] = OutputAccumulator(seq.request_id, seq.prompt_token_ids)
-    while any(not acc.result.finished for acc in results.values()) or engine.has_work():
+    while any(not acc.result.finished for acc in results.values()):
         for out in engine.step():
             if out.request_id in results:
                 results[out.request_id].add(out)
+    if not engine.request_ids and engine.has_work():
+        engine.step()  # no other request is live: drop the finished ones' worker tables now
     return [acc.result for acc in results.values()]

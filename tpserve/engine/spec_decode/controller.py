@@ -44,7 +44,7 @@ an interval that doubles each time (64, 128, ... 1024 steps), so probing a bucke
 speculation never pays costs ever less; a probe lost on cost alone (even full acceptance would not match
 k = 0, which no text can change) waits the longest interval at once.
 
-Free proposals can also be checked while off: the engine feeds `record_verification` with *shadow*
+Free proposals can also be checked while off: the SpecDecoder feeds `record_verification` with *shadow*
 verifications (the lookup made as if speculating, compared with the tokens the target then
 emitted, which is exactly what speculation would have accepted). When those predict that the last
 probe's measured cost would now be repaid by the margin, the bucket probes again at once instead of
@@ -173,7 +173,7 @@ class SpecController:
 
     def choose_k(self, batch: list[AcceptanceCounts]) -> tuple[int, int]:
         """batch: the own acceptance counts of this step's decoding sequences -> (k, how many of
-        them speculate this step; the engine picks which)."""
+        them speculate this step; SpecDecoder.plan_step picks which)."""
         batch_size = len(batch)
         if not self.adaptive or batch_size == 0:
             return self.max_k, batch_size

@@ -4,11 +4,12 @@ proposer, the verifier and the k controller.
 Per step the engine calls, in order: `plan_step` (this step's k, and each decoding sequence's
 lookahead, which the scheduler reserves), `propose` (sets each speculating item's proposal; the
 target then computes logits at all k + 1 positions in the same forward as everything else),
-`verify` (the tokens each speculating item emits) and, after the scheduler's update, `after_step`
-(per-request totals, the draft's valid positions, shadow verification while off, and the step's
-cost for the controller). Rolled-back positions need no cleanup in either KV cache: they lie past
-num_computed_tokens and are overwritten before they are ever read. Everything per sequence lives
-in `seq.spec` (state.py); `release` settles what a finished sequence leaves here.
+`verify` (the tokens each speculating item emits), after the scheduler's update `after_update`
+(per-request totals, the draft's valid positions, shadow verification while off), and once the
+step's outputs are out `record_step` (the whole step's cost, for the controller). Rolled-back
+positions need no cleanup in either KV cache: they lie past num_computed_tokens and are
+overwritten before they are ever read. Everything per sequence lives in `seq.spec` (state.py);
+`release`, run when a request finishes, gives back its shadow-verification place.
 """
 
 from __future__ import annotations
@@ -40,11 +41,12 @@ class SpecDecoder:
 
     # --- before the forward -------------------------------------------------------------------
     def plan_step(self, running: list[Sequence]):
-        """Choose this step's k from the running decoding sequences; returns each sequence's
-        lookahead for the scheduler. When only some speculate (a probe), they are the ones
-        cheapest for the proposer to catch up on. Seeded sampled requests always get the fixed
-        largest k, so their random draws (and tokens) do not depend on load."""
-        decoding = [s for s in running if s.is_decoding]
+        """Choose this step's k from the running sequences that decode one token this step (not
+        those recomputing after a preemption); returns each sequence's lookahead for the
+        scheduler. When only some speculate (a probe), they are the ones cheapest for the proposer
+        to catch up on. Seeded sampled requests always get the fixed largest k, so their random
+        draws (and tokens) do not depend on load."""
+        decoding = [s for s in running if s.is_decoding and s.num_computed_tokens == s.num_tokens - 1]
         k, count = self.controller.choose_k([spec_state(s).acceptance for s in decoding])
         self._k = k
         speculating = None if count >= len(decoding) else set(
@@ -106,17 +108,14 @@ class SpecDecoder:
     def _record_verification(self, seq: Sequence, num_accepted: int, num_requested: int) -> None:
         self.controller.record_verification(spec_state(seq).acceptance, num_accepted, num_requested)
 
-    def after_step(self, batch: SchedulerOutput, seconds: float) -> None:
+    def after_update(self, batch: SchedulerOutput) -> None:
         """After the scheduler's update: count what each item emitted, move the draft's valid
-        positions back to what the target kept, shadow-verify decoding sequences that did not
-        speculate, and give the controller the cost of a step that only decoded (`seconds`, the
-        whole engine step so far)."""
-        emitted = 0
+        positions back to what the target kept, and shadow-verify decoding sequences that did not
+        speculate."""
         for item in batch.scheduled:
             if not item.tokens:
                 continue
             seq = item.seq
-            emitted += len(item.tokens)
             num_proposed = len(item.proposal.tokens) if item.proposal is not None else 0
             num_accepted = len(item.tokens) - 1 if item.proposal is not None else 0
             self.totals.add(num_proposed, num_accepted, len(item.tokens))
@@ -125,20 +124,27 @@ class SpecDecoder:
                 continue
             if item.proposal is not None:
                 self.proposer.on_verified(seq)
-            elif item.decoding and self.shadow is not None:
+            elif item.decoding and item.num_new_tokens == 1 and self.shadow is not None:
                 self.shadow.observe(seq, len(item.tokens))
+
+    def record_step(self, batch: SchedulerOutput, seconds: float) -> None:
+        """The whole engine step took `seconds`; a step in which every sequence decoded one token
+        (with or without proposals) tells the controller what this step's k costs on this machine."""
         passes, self._passes = self._passes, []
         if all(item.decoding and item.num_new_tokens == 1 for item in batch.scheduled):
-            # Steps that only decode measure what each k is worth on this machine, whole step included.
             num_spec = sum(item.proposal is not None for item in batch.scheduled)
+            emitted = sum(len(item.tokens) for item in batch.scheduled)
             self.controller.record_step(len(batch.scheduled), self._k, num_spec, emitted, seconds, passes)
 
     # --- lifecycle ----------------------------------------------------------------------------
-    def release(self, seq: Sequence) -> SpecStats | None:
-        """A sequence finished: give up its shadow place; returns its totals (None if it never
-        emitted a token)."""
+    def release(self, seq: Sequence) -> None:
+        """A request finished (any way): give up its shadow-verification place at once."""
         if self.shadow is not None:
             self.shadow.forget(seq)
+
+    @staticmethod
+    def request_stats(seq: Sequence) -> SpecStats | None:
+        """A request's speculation counts (None if it never emitted a token)."""
         return seq.spec.totals.stats() if seq.spec is not None and seq.spec.totals.num_target_forwards else None
 
     def leftovers(self) -> dict[str, int]:
