@@ -4,13 +4,14 @@ The base revision (any git ref) is extracted with `git archive` into a temporary
 imported as `tpserve_base` (its imports renamed) beside this checkout's `tpserve`. For each
 workload and repeat, both revisions build their engine for the same model, share the weight
 tensors (the KV caches stay separate), and serve the same seeded greedy requests, taking turns one
-engine step at a time; which goes first alternates every step, and which is built first
-alternates over repeats. Each side's time is the sum of its own steps, so a burst of load from
+engine step at a time; which goes first alternates every step, and over repeats which is built
+first and which takes the first (prefill) step alternate independently. Each side's time is the sum of its own steps, so a burst of load from
 elsewhere on the machine lands on both and cancels in their ratio (`speed`: base seconds / head
 seconds, above 1 when the head is faster; the median and the range over the repeats). The forward
 passes are timed too: what is left of a step, rank 0's own work (`overhead`, ms per step), is
 where two revisions of the engine's middle differ. Outputs of the two must be equal token for
-token.
+token. (A revision whose engine drops the workers' block tables of finished requests in a step of
+its own takes one more, empty, step at the end; it is counted.)
 
 Workloads: `offline` (benchmarks/offline_throughput.py's requests: 64 prompts of 16-256 tokens,
 16-128 output tokens, continuous batching up to 64) and `spec-METHOD-POLICY-kK-bB` (the
@@ -113,14 +114,15 @@ class Side:
                 p.data = params[name].data
 
 
-def run_pair(base: str, workload: list[tuple[list[int], int]], engine_kwargs: dict, base_first: bool,
-             warm: list[tuple[list[int], int]]) -> dict:
+def run_pair(base: str, workload: list[tuple[list[int], int]], engine_kwargs: dict, base_built_first: bool,
+             base_steps_first: bool, warm: list[tuple[list[int], int]]) -> dict:
     order = [(base, "base"), ("tpserve", "head")]
-    if not base_first:
+    if not base_built_first:
         order.reverse()
-    sides = [Side(pkg, name, engine_kwargs) for pkg, name in order]
-    sides[1].share_weights_of(sides[0])
-    by_name = {s.name: s for s in sides}
+    built = [Side(pkg, name, engine_kwargs) for pkg, name in order]
+    built[1].share_weights_of(built[0])
+    by_name = {s.name: s for s in built}
+    sides = [by_name["base"], by_name["head"]] if base_steps_first else [by_name["head"], by_name["base"]]
     for label, work in (("warm", warm), ("timed", workload)):
         for s in sides:
             s.seconds, s.forward_seconds, s.steps = 0.0, 0.0, 0
@@ -178,7 +180,8 @@ def main() -> None:
         rows = []
         for name in args.workloads:
             work, warm, kwargs = workload_of(name, model, draft, tokenizer, args.seed)
-            runs = [run_pair(base, work, kwargs, base_first=r % 2 == 0, warm=warm) for r in range(args.repeats)]
+            runs = [run_pair(base, work, kwargs, base_built_first=r % 2 == 0, base_steps_first=r % 4 in (0, 3),
+                             warm=warm) for r in range(args.repeats)]
             rows.append({"workload": name, "speed": statistics.median(r["speed"] for r in runs),
                          "speed_min": min(r["speed"] for r in runs), "speed_max": max(r["speed"] for r in runs),
                          "head_tok_per_s": statistics.median(r["head_tok_per_s"] for r in runs),
@@ -186,7 +189,7 @@ def main() -> None:
                          "head_overhead_ms": statistics.median(r["head_overhead_ms"] for r in runs),
                          "base_overhead_ms": statistics.median(r["base_overhead_ms"] for r in runs),
                          "head_steps": runs[0]["head_steps"], "base_steps": runs[0]["base_steps"],
-                         "same_tokens": all(r["same_tokens"] for r in runs)})
+                         "same_tokens": all(r["same_tokens"] for r in runs), "runs": runs})
             print(f"{name}: head/base speed x{rows[-1]['speed']:.3f} (min x{rows[-1]['speed_min']:.3f})", flush=True)
     print()
     print_table(rows, ["workload", "speed", "speed_min", "speed_max", "head_tok_per_s", "base_tok_per_s",

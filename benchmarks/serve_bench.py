@@ -163,7 +163,7 @@ def main() -> None:
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--prompt-len", type=int, nargs=2, default=[16, 256])
     p.add_argument("--output-len", type=int, nargs=2, default=[16, 128])
-    p.add_argument("--rates", type=float, nargs="+", default=[2.0, 8.0], help="Poisson request rates (req/s)")
+    p.add_argument("--rates", type=float, nargs="*", default=[2.0, 8.0], help="Poisson request rates (req/s); none: skip")
     p.add_argument("--concurrency", type=int, default=64, help="max-concurrency mode (0: off)")
     p.add_argument("--max-num-seqs", type=int, default=64)
     p.add_argument("--slo-ttft-ms", type=float, default=2000.0)
