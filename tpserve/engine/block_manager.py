@@ -83,8 +83,8 @@ class BlockManager:
     def _prefix_hits(self, seq: Sequence) -> list[int]:
         """Cached blocks matching the longest prefix of seq's tokens. At least one token is always
         left to compute, since the step that computes it produces the next token's logits."""
-        if not self.enable_prefix_caching:
-            return []
+        if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
+            return []  # (prompt logprobs need every prompt position computed)
         hits, parent = [], None
         bs = self.block_size
         for i in range((seq.num_tokens - 1) // bs):

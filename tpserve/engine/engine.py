@@ -18,8 +18,8 @@ import time
 
 from tpserve.engine.block_manager import BlockManager
 from tpserve.engine.outputs import EngineStats, RequestOutput
-from tpserve.engine.sampler import Sampler
-from tpserve.engine.scheduler import SchedulerConfig, SchedulerOutput, Scheduler
+from tpserve.engine.sampler import Sampler, TokenLogprobs, token_logprobs
+from tpserve.engine.scheduler import ScheduledSeq, SchedulerConfig, SchedulerOutput, Scheduler
 from tpserve.engine.sequence import Sequence
 from tpserve.engine.step import StepPlan
 from tpserve.errors import InvalidRequest
@@ -103,20 +103,21 @@ class LLMEngine:
 
     def _sample(self, batch: SchedulerOutput, logits) -> None:
         """Set each sampling item's tokens: one for a plain sequence; for a speculating one, its
-        accepted proposals and one more (verified by the SpecDecoder). Logit rows come in plan
-        order, 1 + k per item that samples."""
+        accepted proposals and one more (verified by the SpecDecoder); and the prompt logprobs a
+        scoring chunk computed. Logit rows come in plan order, `num_logit_rows` per item."""
         plain, plain_rows, speculating, row = [], [], [], 0
         for item in batch.scheduled:
-            if not item.samples:
+            n = item.num_logit_rows
+            rows, row = logits[row : row + n], row + n
+            if item.scores_prompt:
+                item.prompt_logprobs = score_prompt(item, rows)
+            if not item.samples or item.seq.params.max_tokens == 0:
                 continue
             if item.proposal is None:
                 plain.append(item)
-                plain_rows.append(row)
-                row += 1
+                plain_rows.append(row - 1)
             else:
-                n = 1 + len(item.proposal.tokens)
-                speculating.append((item, logits[row : row + n]))
-                row += n
+                speculating.append((item, rows))
         if plain:
             tokens, lps = self.sampler.sample(logits[plain_rows], [item.seq for item in plain])
             for item, token, lp in zip(plain, tokens, lps):
@@ -140,6 +141,10 @@ class LLMEngine:
                             seq.num_cached_tokens, ttft)
         seq.num_emitted_tokens = num_output
         seq.unsent_logprobs = []
+        if seq.prompt_logprobs is not None and not seq.prompt_logprobs_sent \
+                and len(seq.prompt_logprobs) == num_prompt - 1:
+            out.prompt_logprobs = [None, *seq.prompt_logprobs]  # the first prompt token has none
+            seq.prompt_logprobs_sent = True
         if finished:
             del self._requests[seq.request_id]
             out.times = seq.times
@@ -184,3 +189,13 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         self.driver.shutdown()
+
+
+def score_prompt(item: ScheduledSeq, rows) -> list[TokenLogprobs]:
+    """Prompt logprobs from a prefill chunk's logit rows [num_new_tokens, V]: the row at position p
+    scores prompt token p + 1, for the positions not scored yet."""
+    seq = item.seq
+    start = seq.num_computed_tokens
+    first, end = len(seq.prompt_logprobs), min(start + item.num_new_tokens, seq.num_prompt_tokens - 1)
+    targets = seq.token_ids[first + 1 : end + 1]
+    return token_logprobs(rows[first - start : end - start], targets, [seq.params.prompt_logprobs] * len(targets))

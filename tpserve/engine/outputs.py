@@ -27,6 +27,7 @@ class RequestOutput:
     time_to_first_token: float | None = None
     times: RequestTimes | None = None
     speculation: SpecStats | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # once, when the prompt has been scored
 
 
 @dataclass(frozen=True)

@@ -77,9 +77,18 @@ def min_p_mask(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill(probs < threshold, NEG_INF)
 
 
+def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    for row, seq in enumerate(seqs):
+        bias = seq.params.logit_bias
+        if bias:
+            logits[row, list(bias)] += torch.tensor(list(bias.values()), dtype=logits.dtype, device=logits.device)
+    return logits
+
+
 def process_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> torch.Tensor:
     """logits [B, V] float32 (not modified) -> processed logits; greedy rows skip temperature."""
     logits = apply_penalties(logits.clone(), seqs)
+    logits = apply_logit_bias(logits, seqs)
     logits = ban_stop_tokens(logits, seqs, eos_token_ids)
     params = [s.params for s in seqs]
     dev = logits.device
@@ -132,11 +141,17 @@ class Sampler:
         result: list[TokenLogprobs | None] = [None] * len(seqs)
         if not wanted:
             return result
-        logp = logits[wanted].log_softmax(dim=-1)
-        n = max(seqs[i].params.logprobs for i in wanted)
-        top_vals, top_ids = logp.topk(max(n, 1), dim=-1)
-        for j, i in enumerate(wanted):
-            k = seqs[i].params.logprobs
-            top = list(zip(top_ids[j, :k].tolist(), top_vals[j, :k].tolist()))
-            result[i] = TokenLogprobs(tokens[i], float(logp[j, tokens[i]]), top)
+        scored = token_logprobs(logits[wanted], [tokens[i] for i in wanted], [seqs[i].params.logprobs for i in wanted])
+        for i, lp in zip(wanted, scored):
+            result[i] = lp
         return result
+
+
+def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int]) -> list[TokenLogprobs]:
+    """Row i of raw logits [N, V]: the logprob of tokens[i] and the num_top[i] most likely tokens."""
+    logp = logits.log_softmax(dim=-1)
+    chosen = logp.gather(-1, torch.tensor(tokens, dtype=torch.long, device=logp.device).unsqueeze(-1)).squeeze(-1)
+    top_vals, top_ids = logp.topk(max(max(num_top), 1), dim=-1)
+    top_vals, top_ids, chosen = top_vals.tolist(), top_ids.tolist(), chosen.tolist()
+    return [TokenLogprobs(t, c, list(zip(ids[:k], vals[:k])))
+            for t, c, ids, vals, k in zip(tokens, chosen, top_ids, top_vals, num_top)]

@@ -9,6 +9,7 @@ from tpserve.errors import InvalidRequest
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
 MAX_LOGPROBS = 20
+MAX_LOGIT_BIAS = 100.0
 
 
 class SamplingError(InvalidRequest):
@@ -20,7 +21,10 @@ class SamplingParams:
     """temperature 0 means greedy. top_k 0 / -1 disables top-k; top_p 1 and min_p 0 disable those.
     Penalties follow the common conventions: repetition (HF, over prompt and output, 1 = off),
     presence and frequency (OpenAI, over output tokens, 0 = off). `logprobs` = number of top
-    alternatives returned beside the chosen token's logprob (None: no logprobs)."""
+    alternatives returned beside the chosen token's logprob (None: no logprobs); `prompt_logprobs`
+    the same for every prompt token after the first, from the prefill (max_tokens 0 then scores the
+    prompt without generating). `logit_bias` adds a value in [-100, 100] to a token's logit before
+    sampling (OpenAI)."""
 
     max_tokens: int = 16
     min_tokens: int = 0
@@ -36,10 +40,13 @@ class SamplingParams:
     stop_token_ids: list[int] = field(default_factory=list)
     ignore_eos: bool = False
     logprobs: int | None = None
+    prompt_logprobs: int | None = None
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def validate(self, vocab_size: int | None = None) -> None:
         checks = [
-            (self.max_tokens >= 1, f"max_tokens={self.max_tokens} must be >= 1"),
+            (self.max_tokens >= 1 or (self.max_tokens == 0 and self.prompt_logprobs is not None),
+             f"max_tokens={self.max_tokens} must be >= 1 (0 only scores a prompt, with prompt logprobs)"),
             (self.min_tokens >= 0, f"min_tokens={self.min_tokens} must be >= 0"),
             (self.min_tokens <= self.max_tokens,
              f"min_tokens={self.min_tokens} must be <= max_tokens={self.max_tokens}"),
@@ -55,6 +62,8 @@ class SamplingParams:
             (len(self.stop) <= MAX_STOP_STRINGS, f"{len(self.stop)} stop strings given; at most {MAX_STOP_STRINGS}"),
             (self.logprobs is None or 0 <= self.logprobs <= MAX_LOGPROBS,
              f"logprobs={self.logprobs} must be in [0, {MAX_LOGPROBS}]"),
+            (self.prompt_logprobs is None or 0 <= self.prompt_logprobs <= MAX_LOGPROBS,
+             f"prompt_logprobs={self.prompt_logprobs} must be in [0, {MAX_LOGPROBS}]"),
             (self.seed is None or 0 <= self.seed < 2**63, f"seed={self.seed} must be in [0, 2**63)"),
         ]
         for ok, msg in checks:
@@ -65,7 +74,13 @@ class SamplingParams:
                 raise SamplingError("stop strings must not be empty")
             if len(s) > MAX_STOP_STRING_LEN:
                 raise SamplingError(f"stop string of length {len(s)} exceeds the limit {MAX_STOP_STRING_LEN}")
+        for token, bias in self.logit_bias.items():
+            if not -MAX_LOGIT_BIAS <= bias <= MAX_LOGIT_BIAS:
+                raise SamplingError(f"logit_bias {bias} for token {token} must be in [-100, 100]")
         if vocab_size is not None:
+            bad = [t for t in self.logit_bias if not 0 <= t < vocab_size]
+            if bad:
+                raise SamplingError(f"logit_bias token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
             if self.top_k > vocab_size:
                 raise SamplingError(f"top_k={self.top_k} exceeds the vocabulary size {vocab_size}")
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]

@@ -72,13 +72,29 @@ class ScheduledSeq:
     num_lookahead: int = 0  # extra slots reserved for speculative proposals
     samples: bool = field(init=False)  # the step reaches the end of the sequence's known tokens
     decoding: bool = field(init=False)  # ... and samples a decoding sequence's next token
+    scores_prompt: bool = field(init=False)  # logits at every position of this prompt chunk
     proposal: Any = None  # spec_decode.Proposal, set before the forward
     tokens: list[int] | tuple = ()  # accepted proposals + one sampled token (a list once sampled)
     logprobs: list | tuple = ()
+    prompt_logprobs: list | tuple = ()  # the prompt tokens this chunk scored
 
     def __post_init__(self) -> None:
-        self.samples = self.seq.num_computed_tokens + self.num_new_tokens == self.seq.num_tokens
-        self.decoding = self.samples and self.seq.is_decoding
+        seq = self.seq
+        end = seq.num_computed_tokens + self.num_new_tokens
+        self.samples = end == seq.num_tokens
+        self.decoding = self.samples and seq.is_decoding
+        self.scores_prompt = (seq.prompt_logprobs is not None
+                              and len(seq.prompt_logprobs) < min(end, seq.num_prompt_tokens - 1))
+
+    @property
+    def num_logit_rows(self) -> int:
+        """Logit rows the forward returns for this sequence: every chunk position when scoring
+        the prompt, else 1 + k (k proposals) when it samples."""
+        if self.scores_prompt:
+            return self.num_new_tokens
+        if not self.samples:
+            return 0
+        return 1 + (len(self.proposal.tokens) if self.proposal is not None else 0)
 
 
 @dataclass
@@ -166,10 +182,9 @@ class Scheduler:
             seq = item.seq
             start = seq.num_computed_tokens
             tokens = seq.token_ids[start : start + item.num_new_tokens]
-            work = SeqWork(seq.seq_id, tokens, start, sample=item.samples)
+            work = SeqWork(seq.seq_id, tokens, start, sample=item.num_logit_rows > 0, num_logits=item.num_logit_rows)
             if item.proposal is not None:
                 work.token_ids = tokens + item.proposal.tokens
-                work.num_logits = 1 + len(item.proposal.tokens)
             if seq.num_sent_blocks is None:
                 work.block_table = list(seq.block_table)
             else:
@@ -200,6 +215,12 @@ class Scheduler:
             num_accepted = len(item.tokens) - 1 if item.tokens else 0
             seq.num_computed_tokens += item.num_new_tokens + num_accepted
             self.block_manager.commit(seq, seq.num_computed_tokens)
+            if item.prompt_logprobs:
+                seq.prompt_logprobs.extend(item.prompt_logprobs)
+            if item.samples and seq.params.max_tokens == 0:  # the prompt is scored: done
+                self.finish(seq, "length")
+                updated.append(seq)
+                continue
             if not item.tokens:
                 continue
             if not self._append(seq, item.tokens, item.logprobs, now) and item.proposal is not None:

@@ -94,6 +94,9 @@ class Sequence:
     # Output appended since the engine last emitted this sequence's output.
     num_emitted_tokens: int = 0
     unsent_logprobs: list = field(default_factory=list)
+    # With params.prompt_logprobs: entry i scores prompt token i + 1, filled chunk by chunk in prefill.
+    prompt_logprobs: list | None = None
+    prompt_logprobs_sent: bool = False
     detokenizer: IncrementalDetokenizer | None = None
     generator: Any = None  # a seeded request's own torch.Generator, made by the sampler at first use
     spec: SpecState | None = None  # speculative decoding's state of this sequence
@@ -101,6 +104,8 @@ class Sequence:
     def __post_init__(self) -> None:
         if not self.token_ids:
             self.token_ids = list(self.prompt_token_ids)
+        if self.params.prompt_logprobs is not None and self.prompt_logprobs is None:
+            self.prompt_logprobs = []
 
     @property
     def num_prompt_tokens(self) -> int:

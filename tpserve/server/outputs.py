@@ -28,6 +28,7 @@ class CompletedRequest:
     time_to_first_token: float | None = None
     times: RequestTimes | None = None
     speculation: SpecStats | None = None
+    prompt_logprobs: list[TokenLogprobs | None] | None = None
 
     @property
     def finished(self) -> bool:
@@ -45,6 +46,8 @@ class OutputAccumulator:
         r.token_ids += out.new_token_ids
         r.text += out.text
         r.logprobs += out.logprobs
+        if out.prompt_logprobs is not None:
+            r.prompt_logprobs = out.prompt_logprobs
         if out.finished:
             r.finish_reason = out.finish_reason
             r.num_prompt_tokens = out.num_prompt_tokens
