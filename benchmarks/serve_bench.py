@@ -114,7 +114,8 @@ def start_server(args):
     from dist_ports import free_port
 
     port = free_port()
-    cmd = [sys.executable, str(ROOT / "launch" / "serve.py"), "--port", str(port), "--host", "127.0.0.1",
+    cmd = [sys.executable, str(ROOT / "launch" / "serve.py"), "--port", str(port), "--http-port", str(free_port()),
+           "--host", "127.0.0.1",
            "--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype]
     if args.model:
         cmd += ["--model", args.model]

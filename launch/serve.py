@@ -1,10 +1,10 @@
-"""Serve a model over gRPC with tensor parallelism.
+"""Serve a model over gRPC and HTTP with tensor parallelism.
 
-    torchrun --nproc-per-node N launch/serve.py [--model DIR] [--host H] [--port 50051] \
-        [--served-model-name NAME] [engine flags as in generate.py]
+    torchrun --nproc-per-node N launch/serve.py [--model DIR] [--host H] [--port 50051] [--http-port 8000] \
+        [--served-model-name NAME] [--chat-template FILE] [--no-metrics] [engine flags as in generate.py]
 
 Rank 0 serves tpserve.v1.Generation, the KServe Open Inference Protocol, grpc.health.v1 and
-reflection, and runs the engine loop; the other ranks run the worker loop. SIGTERM drains: readiness
+reflection over gRPC, the OpenAI API and Prometheus metrics over HTTP, and runs the engine loop; the other ranks run the worker loop. SIGTERM drains: readiness
 turns NOT_SERVING, new requests are refused, in-flight ones finish within --shutdown-timeout, then
 every rank exits 0. If any rank fails, rank 0 ends open streams with UNAVAILABLE and every rank
 exits non-zero.
@@ -31,7 +31,10 @@ logger = logging.getLogger("tpserve.serve")
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--port", type=int, default=50051, help="gRPC port")
+    p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port (0: no HTTP)")
+    p.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
+    p.add_argument("--no-metrics", dest="metrics", action="store_false", help="no Prometheus metrics")
     p.add_argument("--served-model-name", default=None, help="default: the model directory's name")
     p.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--max-message-bytes", type=int, default=16 * 2**20, help="largest gRPC message accepted")
@@ -52,8 +55,14 @@ def serve_rank0(args, tp) -> int:
 
     engine_args = engine_args_from(args)
     state = ServerState(args.served_model_name or Path(engine_args.model).name)
-    core = ServingCore(state)
-    front = FrontEnd(state, [GrpcListener(core, args.host, args.port, args.max_message_bytes)])
+    metrics = make_metrics(args, engine_args, state, tp.tp_size) if args.metrics else None
+    core = ServingCore(state, metrics)
+    listeners = [GrpcListener(core, args.host, args.port, args.max_message_bytes)]
+    if args.http_port:
+        from tpserve.server.http import HttpListener
+
+        listeners.append(HttpListener(core, args.host, args.http_port, read_chat_template(args.chat_template)))
+    front = FrontEnd(state, listeners)
     front.start()
     drain_requested = []
 
@@ -67,7 +76,7 @@ def serve_rank0(args, tp) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     runner, engine = build_runtime(engine_args, tp)
-    loop = EngineLoop(engine, args.max_queued_requests)
+    loop = EngineLoop(engine, args.max_queued_requests, on_step=metrics.observe_step if metrics else None)
     state.attach(engine, loop, ModelInfo.describe(state.served_model_name, runner.model_config, engine, tp.tp_size))
     front.set_phase(SERVING)
     if drain_requested:
@@ -82,6 +91,29 @@ def serve_rank0(args, tp) -> int:
     front.set_phase(STOPPED)
     front.stop(grace_s=2.0)
     return 0
+
+
+def read_chat_template(path: str | None) -> str | None:
+    if path is None:
+        return None
+    if not Path(path).is_file():
+        raise ConfigError(f"--chat-template {path!r} is not a file")
+    return Path(path).read_text()
+
+
+def make_metrics(args, engine_args, state, tp_size: int):
+    """Prometheus metrics fed from the engine loop's statistics snapshot (read at scrape time)."""
+    from tpserve.config import ModelConfig
+    from tpserve.metrics import ServerMetrics
+
+    max_model_len = engine_args.max_model_len or ModelConfig.from_dir(engine_args.model).max_position_embeddings
+    config = {"tp_size": str(tp_size), "dtype": engine_args.dtype, "block_size": str(engine_args.block_size),
+              "max_num_seqs": str(engine_args.max_num_seqs),
+              "max_num_batched_tokens": str(engine_args.max_num_batched_tokens), "max_model_len": str(max_model_len),
+              "enable_prefix_caching": str(engine_args.enable_prefix_caching),
+              "speculative_method": engine_args.speculative_method}
+    return ServerMetrics(state.served_model_name, lambda: state.door.stats if state.door is not None else None,
+                         max_model_len, engine_args.max_num_batched_tokens, config)
 
 
 def die_with_launcher() -> None:

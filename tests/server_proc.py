@@ -21,11 +21,14 @@ READINESS = "tpserve.v1.Generation"
 class ServerProc:
     def __init__(self, model_dir, log_path, nproc: int = 2, extra: list[str] | None = None) -> None:
         self.port = free_port()
+        self.http_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
+        self.http_url = f"http://127.0.0.1:{self.http_port}"
         self.log_path = Path(log_path)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc),
                "--master-port", str(free_port()), str(ROOT / "launch" / "serve.py"), "--model", str(model_dir),
-               "--host", "127.0.0.1", "--port", str(self.port), "--dtype", "float32", *(extra or [])]
+               "--host", "127.0.0.1", "--port", str(self.port), "--http-port", str(self.http_port), "--dtype", "float32",
+               *(extra or [])]
         self.log = open(self.log_path, "w")
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         self.channel = grpc.insecure_channel(self.address)

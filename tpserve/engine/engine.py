@@ -51,6 +51,7 @@ class LLMEngine:
         self._requests: dict[str, Sequence] = {}  # live requests by request id (for aborts)
         self._aborted: list[Sequence] = []  # finished outside step(); the next step emits them
         self.num_steps = 0
+        self.last_step_num_tokens = 0
 
     # --- requests -----------------------------------------------------------------------------
     def add_sequence(self, seq: Sequence) -> None:
@@ -90,6 +91,7 @@ class LLMEngine:
                 self.spec.propose(batch)
             logits = self.driver.step(self.scheduler.plan(batch))
             self.num_steps += 1
+            self.last_step_num_tokens = batch.num_tokens
             self._sample(batch, logits)
             updated = self.scheduler.update(batch, time.monotonic())
             if self.spec is not None:
@@ -166,6 +168,11 @@ class LLMEngine:
             kv_blocks_in_use=bm.num_in_use_blocks, kv_blocks_total=bm.num_blocks,
             prefix_cache_hit_rate=bm.hit_rate, num_preemptions=self.scheduler.num_preemptions,
             num_steps=self.num_steps, speculation=self.spec.totals.stats() if self.spec is not None else None,
+            num_prompt_tokens=self.scheduler.num_prompt_tokens, num_generation_tokens=self.scheduler.num_generation_tokens,
+            prefix_cache_queries=bm.num_queried_tokens, prefix_cache_hits=bm.num_hit_tokens,
+            spec_num_drafts=self.spec.totals.num_spec_steps if self.spec is not None else 0,
+            spec_accepted_by_position=tuple(self.spec.totals.accepted_by_position) if self.spec is not None else (),
+            last_step_num_tokens=self.last_step_num_tokens,
         )
 
     def leftovers(self) -> dict[str, int]:

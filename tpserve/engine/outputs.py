@@ -44,3 +44,11 @@ class EngineStats:
     num_preemptions: int
     num_steps: int
     speculation: SpecStats | None = None
+    # Running totals since start-up (Prometheus counters are read from these).
+    num_prompt_tokens: int = 0  # of requests whose prompt has been computed
+    num_generation_tokens: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache
+    prefix_cache_hits: int = 0  # ... and found there
+    spec_num_drafts: int = 0  # sequence-steps that verified proposals
+    spec_accepted_by_position: tuple[int, ...] = ()
+    last_step_num_tokens: int = 0  # tokens the latest step computed

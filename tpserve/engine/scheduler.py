@@ -118,6 +118,8 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_prompt_tokens = 0  # running totals: prompts computed, tokens generated
+        self.num_generation_tokens = 0
         self._tables_to_drop: list[int] = []  # seq ids whose worker tables the next plan drops
 
     def check_feasible(self, seq: Sequence) -> None:
@@ -218,6 +220,7 @@ class Scheduler:
             if item.prompt_logprobs:
                 seq.prompt_logprobs.extend(item.prompt_logprobs)
             if item.samples and seq.params.max_tokens == 0:  # the prompt is scored: done
+                self.num_prompt_tokens += seq.num_prompt_tokens
                 self.finish(seq, "length")
                 updated.append(seq)
                 continue
@@ -236,7 +239,9 @@ class Scheduler:
         times = seq.times
         if times.first_token is None:
             times.first_token = now
+            self.num_prompt_tokens += seq.num_prompt_tokens
         for token, lp in zip(tokens, logprobs):
+            self.num_generation_tokens += 1
             seq.token_ids.append(token)
             times.token_times.append(now)
             if lp is not None:

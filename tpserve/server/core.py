@@ -14,14 +14,47 @@ from collections.abc import AsyncIterator
 
 from tpserve.engine.outputs import RequestOutput
 from tpserve.engine.sampling_params import SamplingParams
-from tpserve.errors import NotFound, RequestError, Unavailable, Unsupported
+from tpserve.errors import InvalidRequest, NotFound, RequestError, Unavailable, Unsupported
 from tpserve.server.engine_loop import RequestHandle
 from tpserve.server.state import ModelInfo, ServerInfo, ServerState
 
 
+class Submission:
+    """A queued request: its outputs, in order, until it finishes. Raises a RequestError if the
+    engine refuses it or the group fails on the way. If the caller stops iterating early (a
+    cancel, a deadline, a disconnect) or calls `abort`, the request is aborted on every rank and
+    its KV blocks freed."""
+
+    def __init__(self, request_id: str, prompt_token_ids: list[int], handle: RequestHandle, door) -> None:
+        self.request_id = request_id
+        self.prompt_token_ids = prompt_token_ids
+        self._handle = handle
+        self._door = door
+        self.finished = False
+
+    async def outputs(self) -> AsyncIterator[RequestOutput]:
+        try:
+            while not self.finished:
+                item = await self._handle.queue.get()
+                if isinstance(item, RequestError):
+                    self.finished = True
+                    raise item
+                self.finished = item.finished
+                yield item
+        finally:
+            self.abort()
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self._door.abort(self.request_id)
+
+
 class ServingCore:
-    def __init__(self, state: ServerState) -> None:
+    def __init__(self, state: ServerState, metrics=None) -> None:
+        """metrics: a tpserve.metrics.ServerMetrics fed with every finished request, or None."""
         self.state = state
+        self.metrics = metrics
 
     @property
     def served_model_name(self) -> str:
@@ -39,28 +72,22 @@ class ServingCore:
         if name != self.served_model_name:
             raise NotFound(f"model {name!r} is not served here; the served model is {self.served_model_name!r}")
 
-    async def generate(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                       params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
-        """Validate, submit, and yield the request's outputs until it finishes. Raises a
-        RequestError (before the first output, or Unavailable if the group fails on the way). If
-        the caller stops iterating early (a cancel, a deadline) the request is aborted and its KV
-        blocks freed."""
+    def submit(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+               params: SamplingParams | None = None) -> Submission:
+        """Validate and queue a request now (raising a RequestError before anything is sent, so a
+        protocol can still answer with a status); its outputs come from the Submission."""
         door = self.state.require_serving()
         seq = self.state.requests.make(request_id, prompt, prompt_token_ids, params)
-        handle = RequestHandle(asyncio.get_running_loop())
+        on_finished = self.metrics.observe_finished if self.metrics is not None else None
+        handle = RequestHandle(asyncio.get_running_loop(), on_finished)
         door.submit(seq, handle)
-        finished = False
-        try:
-            while not finished:
-                item = await handle.queue.get()
-                if isinstance(item, RequestError):
-                    finished = True
-                    raise item
-                finished = item.finished
-                yield item
-        finally:
-            if not finished:
-                door.abort(request_id)
+        return Submission(request_id, seq.prompt_token_ids, handle, door)
+
+    async def generate(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
+                       params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+        """Validate, submit, and yield the request's outputs until it finishes (see Submission)."""
+        async for out in self.submit(request_id, prompt, prompt_token_ids, params).outputs():
+            yield out
 
     def abort(self, request_id: str) -> bool:
         """Abort a running request; False when the id is unknown or already finished."""
@@ -68,11 +95,22 @@ class ServingCore:
         return bool(door is not None and door.abort(request_id))
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> tuple[list[int], list[str]]:
-        tok = self.state.tokenizer
-        if tok is None:
-            raise Unsupported("the served model has no tokenizer")
+        tok = self._tokenizer()
         ids = tok.encode(text, add_special_tokens=add_special_tokens)
         return ids, tok.convert_ids_to_tokens(ids)
+
+    def detokenize(self, token_ids: list[int]) -> str:
+        tok = self._tokenizer()
+        vocab = self.model_info().vocab_size
+        bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
+        if bad:
+            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+        return tok.decode(token_ids, skip_special_tokens=True)
+
+    def _tokenizer(self):
+        if self.state.tokenizer is None:
+            raise Unsupported("the served model has no tokenizer")
+        return self.state.tokenizer
 
     def model_info(self) -> ModelInfo:
         if self.state.model_info is None:

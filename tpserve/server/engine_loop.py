@@ -25,15 +25,23 @@ logger = logging.getLogger(__name__)
 
 
 class RequestHandle:
-    """One request's output channel into the front end's event loop."""
+    """One request's output channel into the front end's event loop. `on_finished(output)`, if
+    given, runs on that loop for the request's last output, whether or not anyone still reads the
+    queue (a caller that went away still had a request that finished, by abort)."""
 
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, on_finished=None) -> None:
         self.loop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
+        self.on_finished = on_finished
+
+    def _arrive(self, item) -> None:
+        self.queue.put_nowait(item)
+        if self.on_finished is not None and getattr(item, "finished", False):
+            self.on_finished(item)
 
     def put(self, item) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+            self.loop.call_soon_threadsafe(self._arrive, item)
         except RuntimeError:
             if not self.loop.is_closed():
                 raise
@@ -41,8 +49,11 @@ class RequestHandle:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, max_queued_requests: int = 1024, heartbeat_s: float = 2.0) -> None:
+    def __init__(self, engine: LLMEngine, max_queued_requests: int = 1024, heartbeat_s: float = 2.0,
+                 on_step=None) -> None:
+        """on_step(num_tokens), if given, runs on the engine thread after each forward step."""
         self.engine = engine
+        self.on_step = on_step
         self.max_queued_requests = max_queued_requests
         self.heartbeat_s = heartbeat_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -108,7 +119,10 @@ class EngineLoop:
                     logger.info("drained; shutting down")
                     return 0
                 if self.engine.has_work():
+                    steps = self.engine.num_steps
                     self._deliver(self.engine.step())
+                    if self.on_step is not None and self.engine.num_steps > steps:
+                        self.on_step(self.engine.last_step_num_tokens)
                 self._publish_stats()
         except Exception as e:  # the group is unusable now: tell everyone, let the launcher exit
             logger.exception("engine loop failed")

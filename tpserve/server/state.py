@@ -54,6 +54,7 @@ class ServerState:
     model_info: ModelInfo | None = None
     block_size: int = 0
     start_time: float = field(default_factory=time.monotonic)
+    started_at: float = field(default_factory=time.time)  # wall clock, for OpenAI's `created`
 
     def attach(self, engine, door: EngineLoop, model_info: ModelInfo) -> None:
         """Main thread, before serving: copy what the front end needs of the engine once."""

@@ -50,6 +50,7 @@ class SpecTotals:
     num_spec_steps: int = 0  # sequence-steps that verified at least one proposal
     num_target_forwards: int = 0  # sequence-steps that produced tokens
     num_output_tokens: int = 0
+    accepted_by_position: list[int] = field(default_factory=list)  # proposals accepted at position j
 
     def add(self, num_proposed: int, num_accepted: int, num_emitted: int) -> None:
         """One sequence-step that emitted `num_emitted` tokens."""
@@ -58,6 +59,10 @@ class SpecTotals:
         self.num_spec_steps += 1 if num_proposed else 0
         self.num_target_forwards += 1
         self.num_output_tokens += num_emitted
+        if num_accepted > len(self.accepted_by_position):
+            self.accepted_by_position += [0] * (num_accepted - len(self.accepted_by_position))
+        for j in range(num_accepted):
+            self.accepted_by_position[j] += 1
 
     def stats(self) -> SpecStats:
         return SpecStats(
