@@ -109,6 +109,23 @@ def test_logprobs_echo_and_prompt_scoring(client):
     assert scored.choices[0].logprobs.token_logprobs == pytest.approx(lp.token_logprobs[:prompt_len], abs=1e-5)
 
 
+def test_echo_logprobs_equal_teacher_forced_log_softmax_at_tp2(client, chat_model):
+    import torch
+
+    from tests.tiny_models import load_hf
+
+    prompt = [5, 17, 300, 42, 1000, 7, 7, 9, 2500, 3]
+    out = client.completions.create(model="tiny", prompt=prompt, max_tokens=0, echo=True, logprobs=1)
+    got = out.choices[0].logprobs.token_logprobs
+    with torch.no_grad():
+        ref = load_hf(chat_model)(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long)
+                                  ).logits[0].log_softmax(-1)
+    assert got[0] is None and len(got) == len(prompt)
+    worst = max(abs(got[i] - float(ref[i - 1, prompt[i]])) for i in range(1, len(prompt)))
+    assert worst < 1e-4, worst
+    print(f"\nHTTP echo at TP 2: largest prompt-logprob difference from transformers {worst:.2e}")
+
+
 def test_chat_whole_streamed_and_logprobs(client):
     messages = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "say hi"}]
     whole = client.chat.completions.create(model="tiny", messages=messages, max_completion_tokens=8, logprobs=True,
