@@ -1,4 +1,4 @@
-"""Serving benchmark against a tpserve gRPC server.
+"""Serving benchmark against tpserve's gRPC and OpenAI HTTP front doors.
 
 Poisson arrivals at each given rate (or a fixed number of concurrent clients), seeded prompts and
 output lengths, streaming requests. Reports TTFT, TPOT, ITL and end-to-end latency (mean, median,
@@ -6,15 +6,23 @@ p95, p99), request and output-token throughput, and goodput under the given SLOs
 --compare-offline it also runs the same workload through the offline engine in this process and
 reports the server's throughput with --concurrency streaming clients as a fraction of it.
 
-Given several running servers (`--address NAME=HOST:PORT ...`), each load runs on each of them in
-turn, `--repeats` times with the order rotated, so that two servers (two revisions, two
-configurations) are compared through the same bursts of machine noise; the table gives each
-server's medians and, for the others, the median over repeats of the ratio to the first server's
-run of the same repeat (`vs_first`: output throughput, and mean TTFT / TPOT, where below 1 is
-faster).
+Given several targets (`--address NAME=TARGET ...`, or the ones this benchmark starts), each load
+runs on each of them in turn, `--repeats` times with the order rotated, so that two servers (two
+revisions, two configurations, two protocols) are compared through the same bursts of machine
+noise; the first table gives each target's medians, the second, for every pair (A, B), the median
+over repeats of B's figure / A's in the same repeat (output throughput, and mean TTFT / TPOT,
+where below 1 is faster).
+
+Targets are gRPC addresses (HOST:PORT) or OpenAI HTTP base URLs (http://HOST:PORT); an HTTP request
+is a streaming `/v1/completions` call with `stream_options.include_usage`, so both protocols carry
+the same work. Started by the benchmark itself, `--protocol grpc http` measures both doors of one
+server, and `--metrics both` starts a second server with `--no-metrics` (only one runs a load at a
+time); every pair of targets then gets a paired ratio table (median over repeats of B / A).
 
     python benchmarks/serve_bench.py --rates 2 8 inf --concurrency 64 --compare-offline
+    python benchmarks/serve_bench.py --rates --protocol grpc http --metrics both --repeats 5
     python benchmarks/serve_bench.py --address host:50051 --rates 4     # an already running server
+    python benchmarks/serve_bench.py --address http://host:8000 --rates 4
     python benchmarks/serve_bench.py --address old=127.0.0.1:50051 new=127.0.0.1:50052 --repeats 5
 """
 
@@ -22,6 +30,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import json
 import random
 import statistics
 import subprocess
@@ -41,7 +51,13 @@ def pct(values, q):
     return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
 
 
-async def one_request(stub, pb, prompt, max_tokens):
+def timing(t0: float, stamps: list[float], end: float, n: int) -> dict:
+    ttft = stamps[0] - t0
+    return {"ttft": ttft, "e2e": end - t0, "tokens": n, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
+            "tpot": (end - t0 - ttft) / (n - 1) if n > 1 else 0.0}
+
+
+async def grpc_request(stub, prompt, max_tokens):
     from tpserve.client import build_request
 
     req = build_request(prompt, True, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
@@ -51,28 +67,58 @@ async def one_request(stub, pb, prompt, max_tokens):
         if resp.HasField("chunk") and resp.chunk.token_ids:
             stamps.append(time.perf_counter())
             n += len(resp.chunk.token_ids)
-    end = time.perf_counter()
-    ttft = stamps[0] - t0
-    return {"ttft": ttft, "e2e": end - t0, "tokens": n, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
-            "tpot": (end - t0 - ttft) / (n - 1) if n > 1 else 0.0}
+    return timing(t0, stamps, time.perf_counter(), n)
+
+
+async def http_request(client, model, prompt, max_tokens):
+    """A streaming OpenAI completion; each event is one engine output, usage gives the tokens."""
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+            "stream": True, "stream_options": {"include_usage": True}}
+    t0 = time.perf_counter()
+    stamps, n = [], 0
+    async with client.stream("POST", "/v1/completions", json=body) as res:
+        res.raise_for_status()
+        async for line in res.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk["choices"]:
+                stamps.append(time.perf_counter())
+            elif chunk.get("usage"):
+                n = chunk["usage"]["completion_tokens"]
+    return timing(t0, stamps, time.perf_counter(), n)
+
+
+@contextlib.asynccontextmanager
+async def connect(target: str, concurrency: int):
+    """-> an async function (prompt, max_tokens) -> timing, for a gRPC HOST:PORT or an http:// URL."""
+    if target.startswith("http://"):
+        import httpx
+
+        limits = httpx.Limits(max_connections=max(concurrency, 64) * 2)
+        async with httpx.AsyncClient(base_url=target, limits=limits, timeout=600) as client:
+            model = (await client.get("/v1/models")).json()["data"][0]["id"]
+            yield lambda prompt, n: http_request(client, model, prompt, n)
+        return
+    import grpc
+
+    from tpserve.v1 import generation_pb2_grpc as pb_grpc
+
+    async with grpc.aio.insecure_channel(target.removeprefix("grpc://")) as channel:
+        stub = pb_grpc.GenerationStub(channel)
+        yield lambda prompt, n: grpc_request(stub, prompt, n)
 
 
 async def run_load(address, work, rate, concurrency, seed):
-    import grpc
-
-    from tpserve.v1 import generation_pb2 as pb
-    from tpserve.v1 import generation_pb2_grpc as pb_grpc
-
     rng = random.Random(seed)
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = pb_grpc.GenerationStub(channel)
+    async with connect(address, concurrency) as one_request:
         sem = asyncio.Semaphore(concurrency) if concurrency else None
 
         async def limited(prompt, n):
             if sem is None:
-                return await one_request(stub, pb, prompt, n)
+                return await one_request(prompt, n)
             async with sem:
-                return await one_request(stub, pb, prompt, n)
+                return await one_request(prompt, n)
 
         tasks = []
         t0 = time.perf_counter()
@@ -110,25 +156,52 @@ def median_row(rows: list[dict]) -> dict:
     return out
 
 
-def start_server(args):
+def paired_ratios(runs: dict, loads: list[str], names: list[str]) -> list[dict]:
+    """For every load and pair of targets, the median over repeats of B's figure / A's in that repeat."""
+    out = []
+    for label in loads:
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                row = {"load": label, "A": a, "B": b}
+                for key, metric in (("tok_per_s", "out_tok_per_s"), ("ttft_mean", "ttft_mean_ms"),
+                                    ("tpot_mean", "tpot_mean_ms")):
+                    row[key] = statistics.median(rb[metric] / ra[metric]
+                                                 for ra, rb in zip(runs[(label, a)], runs[(label, b)]))
+                out.append(row)
+    return out
+
+
+def start_server(args, metrics: bool = True):
+    """-> (process, {protocol: target}) for a 1-process server on free ports."""
     from dist_ports import free_port
 
-    port = free_port()
-    cmd = [sys.executable, str(ROOT / "launch" / "serve.py"), "--port", str(port), "--http-port", str(free_port()),
-           "--host", "127.0.0.1",
-           "--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype]
+    port, http_port = free_port(), free_port()
+    cmd = [sys.executable, str(ROOT / "launch" / "serve.py"), "--port", str(port), "--http-port", str(http_port),
+           "--host", "127.0.0.1", "--max-num-seqs", str(args.max_num_seqs), "--dtype", args.dtype]
     if args.model:
         cmd += ["--model", args.model]
+    if not metrics:
+        cmd.append("--no-metrics")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    return proc, f"127.0.0.1:{port}"
+    return proc, {"grpc": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{http_port}"}
 
 
-def wait_ready(address, timeout=300):
+def wait_ready(target, timeout=300):
+    """Poll gRPC health (HOST:PORT) or GET /health (http:// URL) until the server serves."""
+    deadline = time.monotonic() + timeout
+    if target.startswith("http://"):
+        import httpx
+
+        while time.monotonic() < deadline:
+            with contextlib.suppress(httpx.HTTPError):
+                if httpx.get(f"{target}/health", timeout=1).status_code == 200:
+                    return
+            time.sleep(0.2)
+        raise TimeoutError(f"server at {target} not ready")
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(address))
-    deadline = time.monotonic() + timeout
+    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target.removeprefix("grpc://")))
     while time.monotonic() < deadline:
         try:
             if stub.Check(health_pb2.HealthCheckRequest(service="tpserve.v1.Generation"), timeout=1).status == 1:
@@ -136,7 +209,7 @@ def wait_ready(address, timeout=300):
         except grpc.RpcError:
             pass
         time.sleep(0.2)
-    raise TimeoutError(f"server at {address} not ready")
+    raise TimeoutError(f"server at {target} not ready")
 
 
 def offline_throughput(args, work):
@@ -157,7 +230,12 @@ def offline_throughput(args, work):
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--address", nargs="+", default=None,
-                   help="running servers, as HOST:PORT or NAME=HOST:PORT; default: start one (1 process)")
+                   help="running servers, as TARGET or NAME=TARGET, TARGET being a gRPC HOST:PORT or an http:// URL; "
+                        "default: start one (1 process)")
+    p.add_argument("--protocol", nargs="+", choices=["grpc", "http"], default=["grpc"],
+                   help="front doors to load on the server this benchmark starts (each is a target)")
+    p.add_argument("--metrics", choices=["on", "off", "both"], default="on",
+                   help="start the server with metrics on, off (--no-metrics) or one of each")
     p.add_argument("--repeats", type=int, default=1, help="runs of each load on each server (medians reported)")
     p.add_argument("--model", default=None)
     p.add_argument("--dtype", default="float32")
@@ -179,11 +257,14 @@ def main() -> None:
 
     cfg = ModelConfig.from_dir(args.model or DEFAULT_MODEL_DIR)
     work = seeded_workload(args.num_requests, cfg.vocab_size, tuple(args.prompt_len), tuple(args.output_len), args.seed)
-    proc = None
+    procs = []
     servers = dict(a.split("=", 1) if "=" in a else (a, a) for a in args.address or [])
     if not servers:
-        proc, address = start_server(args)
-        servers = {"server": address}
+        for metrics in {"on": [True], "off": [False], "both": [True, False]}[args.metrics]:
+            proc, targets = start_server(args, metrics)
+            procs.append(proc)
+            suffix = "" if args.metrics == "on" else f" metrics-{'on' if metrics else 'off'}"
+            servers.update({f"{protocol}{suffix}": targets[protocol] for protocol in args.protocol})
     loads = [(f"poisson {rate:g}/s", rate, 0) for rate in args.rates]
     if args.concurrency:
         loads.append((f"concurrency {args.concurrency}", float("inf"), args.concurrency))
@@ -199,26 +280,21 @@ def main() -> None:
                     results, elapsed = asyncio.run(run_load(servers[name], work, rate, concurrency, args.seed))
                     runs[(label, name)].append(summarize(label, results, elapsed, args.slo_ttft_ms, args.slo_tpot_ms))
     finally:
-        if proc is not None:
+        for proc in procs:
             proc.terminate()
             proc.wait(timeout=60)
-    rows = []
-    for label, _, _ in loads:
-        first = runs[(label, names[0])]
-        for name in names:
-            row = {"server": name, **median_row(runs[(label, name)])}
-            if name != names[0]:
-                for key, metric in (("tok_per_s", "out_tok_per_s"), ("ttft", "ttft_mean_ms"), ("tpot", "tpot_mean_ms")):
-                    row[f"vs_first_{key}"] = statistics.median(
-                        mine[metric] / theirs[metric] for mine, theirs in zip(runs[(label, name)], first))
-            rows.append(row)
+    rows = [{"server": name, **median_row(runs[(label, name)])} for label, _, _ in loads for name in names]
     columns = ["load", "requests", "req_per_s", "out_tok_per_s", "ttft_mean_ms", "ttft_p50_ms", "ttft_p95_ms",
                "ttft_p99_ms", "tpot_mean_ms", "tpot_p95_ms", "itl_p50_ms", "itl_p95_ms", "e2e_p50_ms", "e2e_p95_ms",
                "goodput_req_per_s"]
     if len(names) > 1:
-        columns = ["server", *columns, "vs_first_tok_per_s", "vs_first_ttft", "vs_first_tpot"]
+        columns = ["server", *columns]
     print_table(rows, columns)
-    payload = {"rows": rows, "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
+    pairs = paired_ratios(runs, [label for label, _, _ in loads], names)
+    if pairs:
+        print("\npaired ratios, B / A (median over repeats of runs side by side; ttft / tpot below 1: B faster)")
+        print_table(pairs, list(pairs[0]))
+    payload = {"rows": rows, "pairs": pairs, "slo_ttft_ms": args.slo_ttft_ms, "slo_tpot_ms": args.slo_tpot_ms,
                "num_requests": args.num_requests, "repeats": args.repeats, "servers": servers,
                "runs": {f"{name} {load}": r for (load, name), r in runs.items()}, "machine": machine_info()}
     if args.compare_offline and args.concurrency:
