@@ -13,11 +13,10 @@ noise; the first table gives each target's medians, the second, for every pair (
 over repeats of B's figure / A's in the same repeat (output throughput, and mean TTFT / TPOT,
 where below 1 is faster).
 
-Targets are gRPC addresses (HOST:PORT) or OpenAI HTTP base URLs (http://HOST:PORT); an HTTP request
-is a streaming `/v1/completions` call with `stream_options.include_usage`, so both protocols carry
-the same work. Started by the benchmark itself, `--protocol grpc http` measures both doors of one
-server, and `--metrics both` starts a second server with `--no-metrics` (only one runs a load at a
-time); every pair of targets then gets a paired ratio table (median over repeats of B / A).
+Targets are gRPC addresses (HOST:PORT) or OpenAI HTTP base URLs (http://HOST:PORT), loaded by
+`tpserve.loadgen` (an HTTP request is a streaming `/v1/completions` call with usage). Started by
+the benchmark itself, `--protocol grpc http` measures both doors of one server, and `--metrics
+both` starts a second server with `--no-metrics` (only one runs a load at a time).
 
     python benchmarks/serve_bench.py --rates 2 8 inf --concurrency 64 --compare-offline
     python benchmarks/serve_bench.py --rates --protocol grpc http --metrics both --repeats 5
@@ -30,9 +29,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import json
-import random
 import statistics
 import subprocess
 import sys
@@ -41,119 +37,9 @@ from pathlib import Path
 
 from common import machine_info, print_table, seeded_workload, write_json
 
+from tpserve.loadgen import median_row, run_load, summarize, wait_ready
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def pct(values, q):
-    if not values:
-        return float("nan")
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(q / 100 * (len(s) - 1))))]
-
-
-def timing(t0: float, stamps: list[float], end: float, n: int) -> dict:
-    ttft = stamps[0] - t0
-    return {"ttft": ttft, "e2e": end - t0, "tokens": n, "itl": [b - a for a, b in zip(stamps, stamps[1:])],
-            "tpot": (end - t0 - ttft) / (n - 1) if n > 1 else 0.0}
-
-
-async def grpc_request(stub, prompt, max_tokens):
-    from tpserve.client import build_request
-
-    req = build_request(prompt, True, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    t0 = time.perf_counter()
-    stamps, n = [], 0
-    async for resp in stub.Generate(req):
-        if resp.HasField("chunk") and resp.chunk.token_ids:
-            stamps.append(time.perf_counter())
-            n += len(resp.chunk.token_ids)
-    return timing(t0, stamps, time.perf_counter(), n)
-
-
-async def http_request(client, model, prompt, max_tokens):
-    """A streaming OpenAI completion; each event is one engine output, usage gives the tokens."""
-    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
-            "stream": True, "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    stamps, n = [], 0
-    async with client.stream("POST", "/v1/completions", json=body) as res:
-        res.raise_for_status()
-        async for line in res.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk["choices"]:
-                stamps.append(time.perf_counter())
-            elif chunk.get("usage"):
-                n = chunk["usage"]["completion_tokens"]
-    return timing(t0, stamps, time.perf_counter(), n)
-
-
-@contextlib.asynccontextmanager
-async def connect(target: str, concurrency: int):
-    """-> an async function (prompt, max_tokens) -> timing, for a gRPC HOST:PORT or an http:// URL."""
-    if target.startswith("http://"):
-        import httpx
-
-        limits = httpx.Limits(max_connections=max(concurrency, 64) * 2)
-        async with httpx.AsyncClient(base_url=target, limits=limits, timeout=600) as client:
-            model = (await client.get("/v1/models")).json()["data"][0]["id"]
-            yield lambda prompt, n: http_request(client, model, prompt, n)
-        return
-    import grpc
-
-    from tpserve.v1 import generation_pb2_grpc as pb_grpc
-
-    async with grpc.aio.insecure_channel(target.removeprefix("grpc://")) as channel:
-        stub = pb_grpc.GenerationStub(channel)
-        yield lambda prompt, n: grpc_request(stub, prompt, n)
-
-
-async def run_load(address, work, rate, concurrency, seed):
-    rng = random.Random(seed)
-    async with connect(address, concurrency) as one_request:
-        sem = asyncio.Semaphore(concurrency) if concurrency else None
-
-        async def limited(prompt, n):
-            if sem is None:
-                return await one_request(prompt, n)
-            async with sem:
-                return await one_request(prompt, n)
-
-        tasks = []
-        t0 = time.perf_counter()
-        for prompt, n in work:
-            tasks.append(asyncio.create_task(limited(prompt, n)))
-            if rate != float("inf"):
-                await asyncio.sleep(rng.expovariate(rate))
-        results = await asyncio.gather(*tasks)
-        return results, time.perf_counter() - t0
-
-
-def summarize(label, results, elapsed, slo_ttft, slo_tpot):
-    row = {"load": label, "requests": len(results), "seconds": elapsed,
-           "req_per_s": len(results) / elapsed, "out_tok_per_s": sum(r["tokens"] for r in results) / elapsed}
-    for key in ("ttft", "tpot", "e2e"):
-        vals = [r[key] * 1000 for r in results]
-        row[f"{key}_mean_ms"] = statistics.mean(vals)
-        row[f"{key}_p50_ms"] = pct(vals, 50)
-        row[f"{key}_p95_ms"] = pct(vals, 95)
-        row[f"{key}_p99_ms"] = pct(vals, 99)
-    itl = [x * 1000 for r in results for x in r["itl"]]
-    row.update(itl_mean_ms=statistics.mean(itl) if itl else 0.0, itl_p50_ms=pct(itl, 50), itl_p95_ms=pct(itl, 95),
-               itl_p99_ms=pct(itl, 99))
-    good = [r for r in results if r["ttft"] * 1000 <= slo_ttft and r["tpot"] * 1000 <= slo_tpot]
-    row["goodput_req_per_s"] = len(good) / elapsed
-    return row
-
-
-def median_row(rows: list[dict]) -> dict:
-    """Each numeric field's median over repeated runs of one load."""
-    out = dict(rows[0])
-    for key, value in rows[0].items():
-        if isinstance(value, (int, float)):
-            out[key] = statistics.median(r[key] for r in rows)
-    return out
 
 
 def paired_ratios(runs: dict, loads: list[str], names: list[str]) -> list[dict]:
@@ -184,32 +70,6 @@ def start_server(args, metrics: bool = True):
         cmd.append("--no-metrics")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, {"grpc": f"127.0.0.1:{port}", "http": f"http://127.0.0.1:{http_port}"}
-
-
-def wait_ready(target, timeout=300):
-    """Poll gRPC health (HOST:PORT) or GET /health (http:// URL) until the server serves."""
-    deadline = time.monotonic() + timeout
-    if target.startswith("http://"):
-        import httpx
-
-        while time.monotonic() < deadline:
-            with contextlib.suppress(httpx.HTTPError):
-                if httpx.get(f"{target}/health", timeout=1).status_code == 200:
-                    return
-            time.sleep(0.2)
-        raise TimeoutError(f"server at {target} not ready")
-    import grpc
-    from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-    stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target.removeprefix("grpc://")))
-    while time.monotonic() < deadline:
-        try:
-            if stub.Check(health_pb2.HealthCheckRequest(service="tpserve.v1.Generation"), timeout=1).status == 1:
-                return
-        except grpc.RpcError:
-            pass
-        time.sleep(0.2)
-    raise TimeoutError(f"server at {target} not ready")
 
 
 def offline_throughput(args, work):
