@@ -1,6 +1,7 @@
-"""Packaging and import direction: the kernels install as tpserve.kernels (never as a top-level
-`kernels`, which would shadow the PyPI package of that name), nothing under kernels/ imports
-tpserve, and tpserve's import graph has no cycles (function-level imports included)."""
+"""Packaging and import direction: the kernels are tpserve.kernels (never a top-level `kernels`,
+in the wheel or in the repository root, which would shadow the PyPI package of that name that
+transformers imports), nothing under tpserve/kernels/ imports the rest of tpserve, and tpserve's
+import graph has no cycles (function-level imports included)."""
 
 from __future__ import annotations
 
@@ -18,15 +19,13 @@ ROOT = Path(__file__).resolve().parents[2]
 def module_name(path: Path) -> str:
     rel = path.relative_to(ROOT).with_suffix("")
     parts = list(rel.parts)
-    if parts[0] == "kernels":
-        parts = ["tpserve", *parts]
     if parts[-1] == "__init__":
         parts.pop()
     return ".".join(parts)
 
 
 def source_modules() -> dict[str, Path]:
-    paths = [*(ROOT / "tpserve").rglob("*.py"), *(ROOT / "kernels").rglob("*.py")]
+    paths = list((ROOT / "tpserve").rglob("*.py"))
     return {module_name(p): p for p in paths}
 
 
@@ -101,7 +100,8 @@ def test_tpserve_import_graph_has_no_cycles():
 
 
 def test_kernels_import_nothing_from_tpserve():
-    for path in (ROOT / "kernels").glob("*.py"):
+    assert not (ROOT / "kernels").exists(), "a top-level kernels/ shadows the PyPI package when run from the root"
+    for path in (ROOT / "tpserve" / "kernels").glob("*.py"):
         name = module_name(path)
         outside = {m for m in imported_names(path, name)
                    if (m == "tpserve" or m.startswith("tpserve.")) and not m.startswith("tpserve.kernels")}
@@ -120,5 +120,4 @@ def test_wheel_installs_kernels_as_tpserve_kernels(tmp_path):
     assert tops == {"tpserve", next(t for t in tops if t.endswith(".dist-info"))}, tops
     for path in source_modules().values():
         rel = path.relative_to(ROOT)
-        want = "tpserve/" + rel.as_posix() if rel.parts[0] == "kernels" else rel.as_posix()
-        assert want in names, f"{rel} is missing from the wheel (as {want})"
+        assert rel.as_posix() in names, f"{rel} is missing from the wheel"

@@ -59,9 +59,8 @@ def triton_available() -> bool:
 
 def require_kernels(device: torch.device) -> None:
     """Fail at start-up, saying what to do, when computing on `device` will take the Triton path
-    but tpserve.kernels cannot be imported (a checkout put on PYTHONPATH instead of installed: the
-    kernels live in the repository's kernels/ directory and only the install maps them into the
-    package), rather than at the first forward."""
+    but tpserve.kernels cannot be imported (a partial copy of the package), rather than at the
+    first forward."""
     uses_triton = _backend == "triton" or (_backend == "auto" and device.type == "cuda" and triton_available())
     if uses_triton and importlib.util.find_spec("tpserve.kernels") is None:
         raise ConfigError("tpserve.kernels cannot be imported, but the Triton kernels are needed on "
