@@ -40,6 +40,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-message-bytes", type=int, default=16 * 2**20, help="largest gRPC message accepted")
     p.add_argument("--shutdown-timeout", type=float, default=25.0,
                    help="seconds in-flight requests get on SIGTERM (torchrun kills workers 30 s after forwarding it)")
+    p.add_argument("--slo-ttft", type=float, default=None,
+                   help="admission control: refuse (RESOURCE_EXHAUSTED / 429) a request whose predicted time to first "
+                        "token exceeds this many seconds (default: admit all)")
+    p.add_argument("--slo-ttft-margin", type=float, default=0.8,
+                   help="admit while the predicted TTFT is under this fraction of --slo-ttft")
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait before failing")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     add_engine_args(p)
@@ -51,6 +56,7 @@ def serve_rank0(args, tp) -> int:
     from tpserve.server.core import ServingCore
     from tpserve.server.engine_loop import EngineLoop
     from tpserve.server.grpc_listener import GrpcListener
+    from tpserve.engine.sampling_params import SamplingParams
     from tpserve.server.state import DRAINING, FAILED, SERVING, STOPPED, ModelInfo, ServerState
 
     engine_args = engine_args_from(args)
@@ -76,8 +82,21 @@ def serve_rank0(args, tp) -> int:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     runner, engine = build_runtime(engine_args, tp)
-    loop = EngineLoop(engine, args.max_queued_requests, on_step=metrics.observe_step if metrics else None)
+    admission = None
+    if args.slo_ttft is not None:
+        from tpserve.server.admission import AdmissionController
+
+        admission = AdmissionController(args.slo_ttft, engine_args.max_num_seqs, engine_args.max_num_batched_tokens,
+                                        args.slo_ttft_margin)
+    loop = EngineLoop(engine, args.max_queued_requests, on_step=metrics.observe_step if metrics else None,
+                      admission=admission)
     state.attach(engine, loop, ModelInfo.describe(state.served_model_name, runner.model_config, engine, tp.tp_size))
+    if admission is not None:
+        loop.calibrate(lambda rid, ids, n: state.requests.make(rid, prompt_token_ids=ids,
+                                                               params=SamplingParams(max_tokens=n, ignore_eos=True)))
+        a, b, c = admission.cost.coefficients()
+        logger.info("admission control: --slo-ttft %.3f s (margin %.2f); step cost %.2f ms + %.4f ms/token + "
+                    "%.3f ms/sequence", args.slo_ttft, args.slo_ttft_margin, a * 1e3, b * 1e3, c * 1e3)
     front.set_phase(SERVING)
     if drain_requested:
         loop.begin_drain(args.shutdown_timeout)
@@ -112,8 +131,10 @@ def make_metrics(args, engine_args, state, tp_size: int):
               "max_num_batched_tokens": str(engine_args.max_num_batched_tokens), "max_model_len": str(max_model_len),
               "enable_prefix_caching": str(engine_args.enable_prefix_caching),
               "speculative_method": engine_args.speculative_method}
+    if args.slo_ttft is not None:
+        config["slo_ttft_s"] = str(args.slo_ttft)
     return ServerMetrics(state.served_model_name, lambda: state.door.stats if state.door is not None else None,
-                         max_model_len, engine_args.max_num_batched_tokens, config)
+                         max_model_len, engine_args.max_num_batched_tokens, config, args.slo_ttft)
 
 
 def die_with_launcher() -> None:

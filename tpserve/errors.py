@@ -25,9 +25,16 @@ class InvalidRequest(RequestError, ValueError):
 
 
 class Overloaded(RequestError):
-    """The waiting queue is full or the request is too large to accept now."""
+    """The server cannot take the request now: the waiting queue is full (reason "queue_full"), or
+    admission control predicts it would miss the TTFT SLO ("slo_ttft"). `retry_after_s` is when
+    trying again may succeed."""
 
     kind = "resource_exhausted"
+
+    def __init__(self, message: str, retry_after_s: int = 1, reason: str = "queue_full") -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+        self.reason = reason
 
 
 class Unavailable(RequestError):

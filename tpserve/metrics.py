@@ -40,11 +40,13 @@ def token_buckets(limit: int) -> tuple[int, ...]:
 
 class ServerMetrics:
     def __init__(self, model_name: str, stats: Callable[[], EngineStats | None], max_model_len: int,
-                 max_num_batched_tokens: int, config: dict[str, str]) -> None:
+                 max_num_batched_tokens: int, config: dict[str, str], slo_ttft_s: float | None = None) -> None:
         """stats() returns the engine loop's latest snapshot (None while loading); config labels
-        the serving-configuration info metric."""
+        the serving-configuration info metric; with a TTFT SLO, finished requests are counted as
+        meeting it or not."""
         self.registry = CollectorRegistry()
         self.model_name = model_name
+        self.slo_ttft_s = slo_ttft_s
 
         def histogram(name: str, doc: str, buckets) -> Histogram:
             return Histogram(PREFIX + name, doc, ["model_name"], buckets=buckets, registry=self.registry).labels(
@@ -67,7 +69,16 @@ class ServerMetrics:
                                           token_buckets(max_num_batched_tokens))
         self.success = Counter(PREFIX + "request_success", "Finished requests, by finish reason.",
                                ["model_name", "finished_reason"], registry=self.registry)
+        self.rejected = Counter(PREFIX + "request_rejected", "Requests refused for load, by reason "
+                                "(queue_full: --max-queued-requests; slo_ttft: predicted to miss --slo-ttft).",
+                                ["model_name", "reason"], registry=self.registry)
+        self.slo = Counter(PREFIX + "request_slo_ttft", "Admitted requests that got a first token, by whether "
+                           "it came within --slo-ttft (met: true / false).", ["model_name", "met"],
+                           registry=self.registry)
         self.registry.register(_EngineCollector(model_name, stats, dict(config)))
+
+    def observe_rejected(self, reason: str) -> None:
+        self.rejected.labels(self.model_name, reason).inc()
 
     def observe_finished(self, out: RequestOutput) -> None:
         """A request's last output (front-end thread)."""
@@ -84,6 +95,8 @@ class ServerMetrics:
                 histogram.observe(value)
         for gap in t.inter_token_times:
             self.itl.observe(gap)
+        if self.slo_ttft_s is not None and t.time_to_first_token is not None:
+            self.slo.labels(self.model_name, str(t.time_to_first_token <= self.slo_ttft_s).lower()).inc()
 
     def observe_step(self, num_tokens: int) -> None:
         """One engine step computed `num_tokens` tokens (engine thread)."""

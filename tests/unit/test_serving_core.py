@@ -128,7 +128,7 @@ def test_core_streams_outputs_to_the_finish():
 
 
 def test_core_errors_are_typed():
-    served = Served(max_queued_requests=1, max_num_seqs=1, step_seconds=0.005).start()
+    served = Served(max_queued_requests=1, max_num_seqs=1, step_seconds=0.02).start()
     try:
         with pytest.raises(InvalidRequest, match="prompt is empty"):
             served.collect("a", [], max_tokens=2)

@@ -52,6 +52,7 @@ class LLMEngine:
         self._aborted: list[Sequence] = []  # finished outside step(); the next step emits them
         self.num_steps = 0
         self.last_step_num_tokens = 0
+        self.last_step_num_seqs = 0
 
     # --- requests -----------------------------------------------------------------------------
     def add_sequence(self, seq: Sequence) -> None:
@@ -92,6 +93,7 @@ class LLMEngine:
             logits = self.driver.step(self.scheduler.plan(batch))
             self.num_steps += 1
             self.last_step_num_tokens = batch.num_tokens
+            self.last_step_num_seqs = len(batch.scheduled)
             self._sample(batch, logits)
             updated = self.scheduler.update(batch, time.monotonic())
             if self.spec is not None:

@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 
 from tpserve.engine.outputs import RequestOutput
 from tpserve.engine.sampling_params import SamplingParams
-from tpserve.errors import InvalidRequest, NotFound, RequestError, Unavailable, Unsupported
+from tpserve.errors import InvalidRequest, NotFound, Overloaded, RequestError, Unavailable, Unsupported
 from tpserve.server.engine_loop import RequestHandle
 from tpserve.server.state import ModelInfo, ServerInfo, ServerState
 
@@ -80,7 +80,12 @@ class ServingCore:
         seq = self.state.requests.make(request_id, prompt, prompt_token_ids, params)
         on_finished = self.metrics.observe_finished if self.metrics is not None else None
         handle = RequestHandle(asyncio.get_running_loop(), on_finished)
-        door.submit(seq, handle)
+        try:
+            door.submit(seq, handle)
+        except Overloaded as e:
+            if self.metrics is not None:
+                self.metrics.observe_rejected(e.reason)
+            raise
         return Submission(request_id, seq.prompt_token_ids, handle, door)
 
     async def generate(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,

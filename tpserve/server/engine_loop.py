@@ -20,6 +20,7 @@ import time
 from tpserve.engine.engine import LLMEngine
 from tpserve.engine.sequence import Sequence
 from tpserve.errors import InvalidRequest, Overloaded, Unavailable
+from tpserve.server.admission import AdmissionController
 
 logger = logging.getLogger(__name__)
 
@@ -50,10 +51,13 @@ class RequestHandle:
 
 class EngineLoop:
     def __init__(self, engine: LLMEngine, max_queued_requests: int = 1024, heartbeat_s: float = 2.0,
-                 on_step=None) -> None:
-        """on_step(num_tokens), if given, runs on the engine thread after each forward step."""
+                 on_step=None, admission: AdmissionController | None = None) -> None:
+        """on_step(num_tokens), if given, runs on the engine thread after each forward step;
+        `admission`, if given, refuses a request whose predicted time to first token misses the SLO
+        and learns the step cost from every step."""
         self.engine = engine
         self.on_step = on_step
+        self.admission = admission
         self.max_queued_requests = max_queued_requests
         self.heartbeat_s = heartbeat_s
         self._commands: queue.SimpleQueue = queue.SimpleQueue()
@@ -85,6 +89,8 @@ class EngineLoop:
                 )
             if seq.request_id in self._handles:
                 raise InvalidRequest(f"request id {seq.request_id!r} is already in use")
+            if self.admission is not None:
+                self.admission.admit(seq.request_id, seq.num_prompt_tokens, seq.params.max_tokens)
             self._handles[seq.request_id] = handle
             self._num_pending_adds += 1
         self._commands.put(("add", seq))
@@ -118,16 +124,54 @@ class EngineLoop:
                     self.engine.shutdown()
                     logger.info("drained; shutting down")
                     return 0
+                stepped, started = False, time.perf_counter()
                 if self.engine.has_work():
                     steps = self.engine.num_steps
                     self._deliver(self.engine.step())
-                    if self.on_step is not None and self.engine.num_steps > steps:
-                        self.on_step(self.engine.last_step_num_tokens)
+                    stepped = self.engine.num_steps > steps
                 self._publish_stats()
+                if stepped:  # the whole iteration: the step, delivering its outputs, publishing
+                    self._observe_step(time.perf_counter() - started)
         except Exception as e:  # the group is unusable now: tell everyone, let the launcher exit
             logger.exception("engine loop failed")
             self._fail(f"{type(e).__name__}: {e}")
             return 1
+
+    def _observe_step(self, seconds: float) -> None:
+        if self.admission is not None:
+            self.admission.observe_step(self.engine.last_step_num_tokens, self.engine.last_step_num_seqs, seconds)
+        if self.on_step is not None:
+            self.on_step(self.engine.last_step_num_tokens)
+
+    def calibrate(self, make_sequence, num_steps: int = 16) -> None:
+        """Before serving: run warm-up requests through the engine so that admission control has
+        measured prefills of three sizes up to the token budget and decode steps of every batch
+        size up to 8 (the requests finish one by one). make_sequence(request_id, prompt_token_ids, max_tokens) builds a Sequence
+        (the request factory); the outputs go nowhere."""
+        if self.admission is None:
+            return
+        budget = self.engine.scheduler.config.max_num_batched_tokens
+        max_len = self.engine.scheduler.config.max_model_len
+        batch = max(1, min(self.engine.scheduler.config.max_num_seqs, 8))
+        vocab = self.engine.vocab_size
+        prompt = [3 + (i * 7919) % (vocab - 3) for i in range(min(budget, max_len - 2))]
+        for size in (len(prompt), len(prompt) // 4, len(prompt) // 16):  # each its own prefill step
+            if size > 16:
+                self.engine.add_sequence(make_sequence(f"calibrate-long-{size}", prompt[-size:], 1))
+                while self.engine.has_work():
+                    self._calibration_step()
+        for i in range(batch):
+            self.engine.add_sequence(make_sequence(f"calibrate-{i}", prompt[i * 8 : i * 8 + 8] or [3],
+                                                   num_steps - i))
+        while self.engine.has_work():
+            self._calibration_step()
+        self._publish_stats()
+
+    def _calibration_step(self) -> None:
+        steps, started = self.engine.num_steps, time.perf_counter()
+        self.engine.step()
+        if self.engine.num_steps > steps:
+            self._observe_step(time.perf_counter() - started)
 
     def _apply_commands(self, block: bool) -> None:
         timeout = self.heartbeat_s if block else None
@@ -151,6 +195,8 @@ class EngineLoop:
             try:
                 self.engine.add_sequence(arg)
             except InvalidRequest as e:
+                if self.admission is not None:
+                    self.admission.forget(arg.request_id)
                 handle = self._handles.pop(arg.request_id, None)
                 if handle is not None:
                     handle.put(e)
@@ -168,6 +214,8 @@ class EngineLoop:
 
     def _deliver(self, outputs) -> None:
         for out in outputs:
+            if self.admission is not None:
+                self.admission.on_output(out.request_id, out.num_output_tokens, out.finished)
             handle = self._handles.get(out.request_id)
             if handle is None:
                 continue
@@ -189,5 +237,7 @@ class EngineLoop:
     def _end_open_requests(self, error: Unavailable) -> None:
         with self._lock:
             handles, self._handles = self._handles, {}
-        for handle in handles.values():
+        for request_id, handle in handles.items():
+            if self.admission is not None:
+                self.admission.forget(request_id)
             handle.put(error)

@@ -29,8 +29,9 @@ from tpserve.server.openai_protocol import (ChatCompletionRequest, CompletionReq
 VERSION = "0.1.0"
 
 
-def error_response(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
-    headers = {"Retry-After": "1"} if status == 429 else None
+def error_response(status: int, message: str, code: str | None = None, param: str | None = None,
+                   retry_after_s: int = 1) -> JSONResponse:
+    headers = {"Retry-After": str(retry_after_s)} if status == 429 else None
     return JSONResponse(fmt.error_body(status, message, code, param), status_code=status, headers=headers)
 
 
@@ -39,7 +40,8 @@ def build_app(core: ServingCore, chat_template: str | None = None) -> FastAPI:
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, e: RequestError):
-        return error_response(fmt.request_error_status(e), str(e), e.kind)
+        return error_response(fmt.request_error_status(e), str(e), e.kind,
+                              retry_after_s=getattr(e, "retry_after_s", 1))
 
     @app.exception_handler(RequestValidationError)
     async def on_validation_error(request: Request, e: RequestValidationError):
