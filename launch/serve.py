@@ -30,6 +30,9 @@ logger = logging.getLogger("tpserve.serve")
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--operating-point", default=None,
+                   help="operating_point.json from python -m tpserve.profile: its flags become the defaults "
+                        "(flags given here still win) and its p95 TTFT SLO sets --slo-ttft")
     p.add_argument("--host", default="0.0.0.0")
     p.add_argument("--port", type=int, default=50051, help="gRPC port")
     p.add_argument("--http-port", type=int, default=8000, help="OpenAI-compatible HTTP port (0: no HTTP)")
@@ -48,7 +51,41 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait before failing")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     add_engine_args(p)
+    pre, _ = p.parse_known_args(argv)
+    if pre.operating_point is not None:
+        p.set_defaults(**operating_point_defaults(p, pre.operating_point))
     return p.parse_args(argv)
+
+
+def operating_point_defaults(parser: argparse.ArgumentParser, path: str) -> dict:
+    """The profiler's chosen flags as parser defaults (explicit flags still win), and its TTFT SLO
+    as --slo-ttft; logs what it applies and the SLO it was tuned for."""
+    import json
+
+    try:
+        point = json.loads(Path(path).read_text())
+        flags = point["flags"]
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"--operating-point {path!r} is not a profiler operating point: {e}") from None
+    by_flag = {opt: action for action in parser._actions for opt in action.option_strings}
+    defaults = {}
+    for flag, value in flags.items():
+        action = by_flag.get(flag)
+        if action is None:
+            raise ConfigError(f"--operating-point {path!r}: {flag} is not a flag of launch/serve.py")
+        if action.nargs == 0:  # a switch: store_true / store_false
+            defaults[action.dest] = action.const if value is True else action.default
+        else:
+            defaults[action.dest] = action.type(value) if action.type else value
+    if point.get("slo_ttft_s") is not None:
+        defaults.setdefault("slo_ttft", float(point["slo_ttft_s"]))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if point.get("tp") and point["tp"] != world:
+        logger.warning("operating point %s was measured at TP %s; this server has %d ranks", path, point["tp"], world)
+    logger.info("operating point %s: batch %s of %s, tuned for SLO %s (objective %s; measured %s); defaults %s",
+                path, point.get("batch_size"), point.get("candidate"), point.get("slo"), point.get("objective"),
+                point.get("measured"), defaults)
+    return defaults
 
 
 def serve_rank0(args, tp) -> int:

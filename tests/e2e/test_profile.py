@@ -1,0 +1,96 @@
+"""python -m tpserve.profile for real: a short sweep on the bundled model (its own torchrun servers),
+the files it writes, resuming an interrupted sweep, and the operating point served."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import matplotlib.image
+import pytest
+
+from tests.e2e.test_http import metrics_of
+from tests.server_proc import ROOT, ServerProc
+from tpserve.bundled import DEFAULT_MODEL_DIR
+
+pytestmark = pytest.mark.slow
+SWEEP = ["--batch-sizes", "1,2,4", "--input-len", "16:48", "--output-len", "8:16", "--rounds", "2",
+         "--min-requests", "4", "--slo-ttft-p95", "2", "--min-tokens-per-user", "5", "--dtype", "float32"]
+
+
+def profile(out, *extra):
+    res = subprocess.run([sys.executable, "-m", "tpserve.profile", "--out", str(out), *SWEEP, *extra],
+                         capture_output=True, text=True, cwd=ROOT, timeout=600)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return res
+
+
+@pytest.fixture(scope="module")
+def swept(tmp_path_factory):
+    out = tmp_path_factory.mktemp("profile")
+    res = profile(out)
+    return out, res
+
+
+def test_the_sweep_writes_every_file_and_the_chosen_point_meets_the_slo(swept):
+    out, res = swept
+    report = json.loads((out / "report.json").read_text())
+    points = report["points"]
+    assert [p["batch_size"] for p in points][:2] == [1, 2]
+    with open(out / "points.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [int(r["batch_size"]) for r in rows] == [p["batch_size"] for p in points]
+    for name in ("throughput_vs_ttft.png", "throughput_vs_per_user.png", "latency_vs_batch.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+        height, width, _ = matplotlib.image.imread(out / name).shape
+        assert width > 300 and height > 200
+        assert f"]({name})" in (out / "report.md").read_text()
+    best = report["chosen"]
+    assert best is not None and "chosen: batch" in res.stdout
+    # The chosen point meets the SLO in its own measurement...
+    assert best["ttft_p95_ms"] <= 2000 and 1000 / best["tpot_p95_ms"] >= 5 and best["preemptions"] == 0
+    for p in points:
+        assert p["out_tok_per_s"] > 0 and p["ttft_p95_ms"] > 0 and p["peak_kv_usage"] >= 0
+    # ... and the next larger batch either misses it or adds no throughput.
+    bigger = [p for p in points if p["batch_size"] > best["batch_size"]]
+    if bigger:
+        assert bigger[0]["misses"] or bigger[0]["over_memory"] or bigger[0]["out_tok_per_s"] <= best["out_tok_per_s"]
+    else:
+        assert report["stopped"]["float"].startswith("the last batch size")
+    op = json.loads((out / "operating_point.json").read_text())
+    assert op["flags"]["--max-num-seqs"] == str(best["batch_size"]) and op["slo_ttft_s"] == 2.0
+    assert op["measured"]["ttft_p95_ms"] == best["ttft_p95_ms"]
+
+
+def test_an_interrupted_sweep_resumes_where_it_stopped(swept, tmp_path):
+    out, _ = swept
+    runs = (out / "runs.jsonl").read_text().splitlines()
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    (resumed / "settings.json").write_text((out / "settings.json").read_text())
+    (resumed / "runs.jsonl").write_text("\n".join(runs[:-1]) + "\n")  # the last point never finished
+    profile(resumed)
+    again = (resumed / "runs.jsonl").read_text().splitlines()
+    assert again[:-1] == runs[:-1] and len(again) == len(runs)
+    assert json.loads(again[-1])["batch_size"] == json.loads(runs[-1])["batch_size"]
+    logs = sorted(p.name for p in (resumed / "logs").iterdir())
+    assert logs == [f"float-b{json.loads(runs[-1])['batch_size']}.log"]  # only the missing point had a server
+    res = subprocess.run([sys.executable, "-m", "tpserve.profile", "--out", str(resumed), *SWEEP[:-2], "--seed", "9"],
+                         capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert res.returncode == 2 and "other settings" in res.stderr and "seed" in res.stderr
+
+
+def test_the_operating_point_is_what_the_server_serves(swept, tmp_path):
+    out, _ = swept
+    op = json.loads((out / "operating_point.json").read_text())
+    srv = ServerProc(DEFAULT_MODEL_DIR, tmp_path / "server.log", nproc=1,
+                     extra=["--operating-point", str(out / "operating_point.json")])
+    try:
+        srv.wait_ready()
+        info = next(dict(k[1]) for k in metrics_of(srv) if k[0] == "tpserve:serving_config_info")
+        assert info["max_num_seqs"] == op["flags"]["--max-num-seqs"] and info["slo_ttft_s"] == "2.0"
+        assert "tuned for SLO" in srv.tail(20000)
+    finally:
+        srv.close()
