@@ -45,7 +45,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds in-flight requests get on SIGTERM (torchrun kills workers 30 s after forwarding it)")
     p.add_argument("--slo-ttft", type=float, default=None,
                    help="admission control: refuse (RESOURCE_EXHAUSTED / 429) a request whose predicted time to first "
-                        "token exceeds this many seconds (default: admit all)")
+                        "token exceeds this many seconds (default, or 0: admit all)")
     p.add_argument("--slo-ttft-margin", type=float, default=0.8,
                    help="admit while the predicted TTFT is under this fraction of --slo-ttft")
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait before failing")
@@ -120,7 +120,7 @@ def serve_rank0(args, tp) -> int:
     signal.signal(signal.SIGINT, on_signal)
     runner, engine = build_runtime(engine_args, tp)
     admission = None
-    if args.slo_ttft is not None:
+    if args.slo_ttft:
         from tpserve.server.admission import AdmissionController
 
         admission = AdmissionController(args.slo_ttft, engine_args.max_num_seqs, engine_args.max_num_batched_tokens,
@@ -168,10 +168,10 @@ def make_metrics(args, engine_args, state, tp_size: int):
               "max_num_batched_tokens": str(engine_args.max_num_batched_tokens), "max_model_len": str(max_model_len),
               "enable_prefix_caching": str(engine_args.enable_prefix_caching),
               "speculative_method": engine_args.speculative_method}
-    if args.slo_ttft is not None:
+    if args.slo_ttft:
         config["slo_ttft_s"] = str(args.slo_ttft)
     return ServerMetrics(state.served_model_name, lambda: state.door.stats if state.door is not None else None,
-                         max_model_len, engine_args.max_num_batched_tokens, config, args.slo_ttft)
+                         max_model_len, engine_args.max_num_batched_tokens, config, args.slo_ttft or None)
 
 
 def die_with_launcher() -> None:

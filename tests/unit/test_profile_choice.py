@@ -20,7 +20,7 @@ def run(batch, tok_s, ttft_p95_ms, tpot_p95_ms, preemptions=0, rejected=0, candi
             "ttft_p50_ms": ttft_p95_ms / 2, "ttft_p95_ms": ttft_p95_ms, "ttft_p99_ms": ttft_p95_ms,
             "tpot_p50_ms": tpot_p95_ms, "tpot_p95_ms": tpot_p95_ms, "e2e_p95_ms": 10 * ttft_p95_ms,
             "tok_per_s_per_user_p95": 1000 / tpot_p95_ms, "preemptions": preemptions, "rejected": rejected,
-            "peak_kv_usage": 0.1 * batch}
+            "peak_kv_usage": 0.1 * batch, "goodput_req_per_s": 0.5, "e2e_p50_ms": ttft_p95_ms}
 
 
 SWEEP = [run(1, 100, 50, 10), run(4, 300, 200, 20), run(16, 700, 800, 40), run(64, 900, 3000, 80)]
@@ -108,3 +108,18 @@ def test_operating_point_flags_become_defaults_and_explicit_flags_win(tmp_path):
     path.write_text(json.dumps({**point, "flags": {"--bogus": "1"}}))
     with pytest.raises(ConfigError, match="--bogus is not a flag of launch/serve.py"):
         serve.parse_args(["--operating-point", str(path)])
+
+
+def test_reports_are_written_without_an_slo_and_without_a_choice(tmp_path):
+    from tpserve.profile.report import write_all
+
+    for slo in (SLO(), SLO(ttft_p95_s=0.001)):
+        points = [aggregate([r], slo) for r in SWEEP]
+        best, why = choose(points, slo, "throughput")
+        settings = {"model": "m", "tp": 1, "protocol": "http", "workload": {}, "repeats": 1}
+        write_all(tmp_path, points, SWEEP, best, why, slo, "throughput", settings, {"float": "done"},
+                  ["--max-num-seqs", "64"] if best else None)
+        assert (tmp_path / "latency_vs_batch.png").read_bytes()[:4] == b"\x89PNG"
+        assert (tmp_path / "operating_point.json").exists() == (best is not None)
+        assert why in (tmp_path / "report.md").read_text()
+        (tmp_path / "operating_point.json").unlink(missing_ok=True)

@@ -127,37 +127,29 @@ def plot(out: Path, points: list[dict], best: dict | None, slo: SLO) -> list[str
         plt.close(fig)
         names.append(name)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for cand, ps in by_candidate.items():
-        ps = sorted(ps, key=lambda p: p["batch_size"])
-        xs, ys = [p["ttft_p95_ms"] / 1000 for p in ps], [p["out_tok_per_s"] for p in ps]
-        ax.plot(xs, ys, "o-", label=cand)
-        for p, x, y in zip(ps, xs, ys):
-            ax.annotate(f"b{p['batch_size']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if slo.ttft_p95_s is not None:
-        ax.axvline(slo.ttft_p95_s, color="red", ls="--", label=f"SLO p95 TTFT {slo.ttft_p95_s:g} s")
-    if best is not None:
-        ax.plot([best["ttft_p95_ms"] / 1000], [best["out_tok_per_s"]], "*", ms=18, color="gold", mec="black",
-                label=f"chosen: batch {best['batch_size']}")
-    ax.set_xlabel("p95 time to first token (s)")
-    ax.set_ylabel("output tokens/s (all users)")
-    finish(fig, ax, "throughput_vs_ttft.png", "Throughput against latency, by batch size")
+    def tradeoff(x_of, xlabel, line, line_label, name, title):
+        """Output throughput against one latency figure, each point labelled with its batch."""
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for cand, ps in by_candidate.items():
+            ps = sorted(ps, key=lambda p: p["batch_size"])
+            xs, ys = [x_of(p) for p in ps], [p["out_tok_per_s"] for p in ps]
+            ax.plot(xs, ys, "o-", label=cand)
+            for p, x, y in zip(ps, xs, ys):
+                ax.annotate(f"b{p['batch_size']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        if line is not None:
+            ax.axvline(line, color="red", ls="--", label=line_label)
+        if best is not None:
+            ax.plot([x_of(best)], [best["out_tok_per_s"]], "*", ms=18, color="gold", mec="black",
+                    label=f"chosen: batch {best['batch_size']}")
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("output tokens/s (all users)")
+        finish(fig, ax, name, title)
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for cand, ps in by_candidate.items():
-        ps = sorted(ps, key=lambda p: p["batch_size"])
-        xs, ys = [p["tok_per_s_per_user_p95"] for p in ps], [p["out_tok_per_s"] for p in ps]
-        ax.plot(xs, ys, "o-", label=cand)
-        for p, x, y in zip(ps, xs, ys):
-            ax.annotate(f"b{p['batch_size']}", (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
-    if slo.min_tokens_per_user is not None:
-        ax.axvline(slo.min_tokens_per_user, color="red", ls="--", label=f"SLO {slo.min_tokens_per_user:g} tok/s/user")
-    if best is not None:
-        ax.plot([best["tok_per_s_per_user_p95"]], [best["out_tok_per_s"]], "*", ms=18, color="gold", mec="black",
-                label=f"chosen: batch {best['batch_size']}")
-    ax.set_xlabel("tokens/s per user (at the p95 TPOT)")
-    ax.set_ylabel("output tokens/s (all users)")
-    finish(fig, ax, "throughput_vs_per_user.png", "Total throughput against each user's speed")
+    tradeoff(lambda p: p["ttft_p95_ms"] / 1000, "p95 time to first token (s)", slo.ttft_p95_s,
+             f"SLO p95 TTFT {slo.ttft_p95_s} s", "throughput_vs_ttft.png", "Throughput against latency, by batch size")
+    tradeoff(lambda p: p["tok_per_s_per_user_p95"], "tokens/s per user (at the p95 TPOT)", slo.min_tokens_per_user,
+             f"SLO {slo.min_tokens_per_user} tok/s/user", "throughput_vs_per_user.png",
+             "Total throughput against each user's speed")
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for cand, ps in by_candidate.items():
