@@ -18,15 +18,16 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+import zlib
 from dataclasses import asdict
 from pathlib import Path
 
 from tpserve.errors import ConfigError
 from tpserve.loadgen import run_load
 from tpserve.profile.report import choose, write_all
-from tpserve.profile.sweep import (MIN_GAIN, SLO, Candidate, RunStore, Settings, aggregate, candidate_flags,
+from tpserve.profile.sweep import (MIN_GAIN, PATIENCE, SLO, Candidate, RunStore, Settings, aggregate, candidate_flags,
                                    measure_run, variant_dir)
-from tpserve.profile.workload import LengthDist, load_dataset, synthetic
+from tpserve.profile.workload import LengthDist, load_dataset, sample_runs, synthetic
 
 
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
@@ -104,11 +105,16 @@ def main(argv=None) -> int:
     if args.dataset:
         pool = load_dataset(args.dataset, tokenizer, output_len, args.seed)
         workload = {"dataset": str(Path(args.dataset).resolve()), "output_len": str(output_len)}
+
+        def make_work(n: int, seed: int):
+            return sample_runs(pool, n, seed)
     else:
         input_len = LengthDist.parse(args.input_len, "--input-len")
-        need = max(args.min_requests, args.rounds * batches[-1]) + batches[-1]
-        pool = synthetic(need, input_len, output_len, tokenizer, ModelConfig.from_dir(model).vocab_size, args.seed)
+        vocab = ModelConfig.from_dir(model).vocab_size
         workload = {"synthetic": "held-out code", "input_len": str(input_len), "output_len": str(output_len)}
+
+        def make_work(n: int, seed: int):
+            return synthetic(n, input_len, output_len, tokenizer, vocab, seed)
     settings = Settings(model, args.tp, args.protocol, args.server, server_flags, workload,
                         {"rounds": args.rounds, "min_requests": args.min_requests}, args.repeats, args.seed,
                         [asdict(c) for c in candidates])
@@ -119,27 +125,30 @@ def main(argv=None) -> int:
     try:
         for cand in candidates:
             model_dir = model if args.server else variant_dir(model, cand.variant, out)
-            prev = None
+            best, flat = None, 0
             for index, batch in enumerate(batches):
                 n = max(args.min_requests, args.rounds * batch)
-                work = [pool[i % len(pool)] for i in range(n)]
                 flags = [*candidate_flags(cand, batch, model_dir, draft), *server_flags]
                 flags_of[(cand.name, batch)] = flags
                 done = store.of(cand.name, batch)
                 bar.set_postfix_str(f"{cand.name} batch {batch}")
                 if len(done) < args.repeats:
-                    measure_point(args, cand, batch, flags, work, pool, slo, store, out, bar, len(done))
+                    measure_point(args, cand, batch, flags, n, make_work, slo, store, out, bar, len(done))
                 else:
                     bar.update(args.repeats)
                 point = aggregate(store.of(cand.name, batch)[: args.repeats], slo)
                 points.append(point)
+                grew = best is None or point["out_tok_per_s"] >= best["out_tok_per_s"] * (1 + MIN_GAIN)
+                flat = 0 if grew else flat + 1
+                best = point if best is None or point["out_tok_per_s"] > best["out_tok_per_s"] else best
                 stop = None
                 if point["over_memory"]:
                     stop = (f"batch {batch}: the KV cache could not hold the batch "
                             f"({point['preemptions']:.0f} preemptions, {point['rejected']:.0f} rejections)")
-                elif prev is not None and point["out_tok_per_s"] < prev["out_tok_per_s"] * (1 + MIN_GAIN):
-                    stop = (f"batch {batch}: throughput stopped growing ({point['out_tok_per_s']:.1f} vs "
-                            f"{prev['out_tok_per_s']:.1f} tok/s at batch {prev['batch_size']})")
+                elif flat >= PATIENCE:
+                    stop = (f"batch {batch}: throughput stopped growing ({PATIENCE} larger batches without "
+                            f"{MIN_GAIN:.0%} over the best, {best['out_tok_per_s']:.1f} tok/s at batch "
+                            f"{best['batch_size']})")
                 elif index == len(batches) - 1:
                     stop = f"the last batch size given ({batch})"
                 if stop:
@@ -147,7 +156,6 @@ def main(argv=None) -> int:
                     bar.total -= (len(batches) - index - 1) * args.repeats
                     bar.refresh()
                     break
-                prev = point
     finally:
         bar.close()
     best, why = choose(points, slo, args.objective)
@@ -160,15 +168,18 @@ def main(argv=None) -> int:
     return 0 if best is not None else 3
 
 
-def measure_point(args, cand: Candidate, batch: int, flags: list[str], work, pool, slo: SLO, store: RunStore,
-                  out: Path, bar, already: int) -> None:
-    """Warm up, then the missing measured runs of one point (a server of its own unless --server)."""
-    warm = [(p, min(n, 8)) for p, n in pool[-batch:]]  # fills the batch once; not counted
+def measure_point(args, cand: Candidate, batch: int, flags: list[str], n: int, make_work, slo: SLO,
+                  store: RunStore, out: Path, bar, already: int) -> None:
+    """Warm up, then the missing measured runs of one point (a server of its own unless --server).
+    Every run draws prompts of its own (seeded by the point and the repeat), so no run is served
+    from the prefix cache another filled."""
+    base = zlib.crc32(f"{args.seed}/{cand.name}/{batch}".encode())
+    warm = [(p, min(k, 8)) for p, k in make_work(batch, base + 1000)]  # fills the batch once; not counted
 
     def runs(target: str, http: str | None) -> None:
         asyncio.run(run_load(target, warm, float("inf"), batch, args.seed))
         for r in range(already, args.repeats):
-            row = measure_run(target, http, work, batch, slo, args.seed + r)
+            row = measure_run(target, http, make_work(n, base + r), batch, slo, args.seed + r)
             store.add({"candidate": cand.name, "batch_size": batch, "repeat": r, **row})
             bar.update(1)
 

@@ -1,5 +1,6 @@
 """The sweep: for each candidate configuration, batch sizes in increasing order until the KV cache
-can no longer hold the batch or throughput stops growing; at each point a warm-up that is not
+can no longer hold the batch or throughput stops growing (two larger batches in a row without 5%
+over the best so far: one noisy point does not end it); at each point a warm-up that is not
 counted, then `repeats` measured runs of a closed loop with as many clients as the batch holds.
 
 Every finished run is appended to `runs.jsonl` in the output directory at once, so an interrupted
@@ -20,7 +21,8 @@ from tpserve.errors import ConfigError
 from tpserve.loadgen import run_load, summarize
 from tpserve.profile.server import PeakSampler, ServerProcess, scrape
 
-MIN_GAIN = 0.05  # a larger batch that adds less output throughput than this ends the sweep
+MIN_GAIN = 0.05  # a larger batch must add this much output throughput over the best so far ...
+PATIENCE = 2  # ... or, after this many such batches in a row, the sweep of a candidate ends
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,13 @@ class LengthDist:
 Request = tuple[list[int], int]  # prompt token ids, output tokens
 
 
+def sample_runs(pool: list[Request], n: int, seed: int) -> list[Request]:
+    """n requests drawn from a dataset for one run (a seeded shuffle, cycled if n is larger)."""
+    order = list(range(len(pool)))
+    random.Random(seed).shuffle(order)
+    return [pool[order[i % len(order)]] for i in range(n)]
+
+
 def load_dataset(path: str | Path, tokenizer, default_output: LengthDist, seed: int) -> list[Request]:
     """Lines of {"prompt": str} or {"prompt_token_ids": [...]}, with an optional "output_len"."""
     rng = random.Random(seed)
@@ -72,8 +79,10 @@ def load_dataset(path: str | Path, tokenizer, default_output: LengthDist, seed: 
 
 def synthetic(num_requests: int, input_len: LengthDist, output_len: LengthDist, tokenizer, vocab_size: int,
               seed: int) -> list[Request]:
+    """Seeded prompts: windows at random offsets of held-out code (different seeds give different
+    windows, so separate runs do not hit each other's prefix cache)."""
     rng = random.Random(seed)
-    stream = _heldout_tokens(tokenizer, input_len.high * 8) if tokenizer is not None else None
+    stream = _heldout_tokens(tokenizer) if tokenizer is not None else None
     out = []
     for _ in range(num_requests):
         n = input_len.sample(rng)
@@ -86,8 +95,14 @@ def synthetic(num_requests: int, input_len: LengthDist, output_len: LengthDist, 
     return out
 
 
-def _heldout_tokens(tokenizer, at_least: int) -> list[int]:
-    """Token ids of held-out standard-library files, in a fixed order, until there are enough."""
+_HELDOUT: dict[int, list[int]] = {}
+
+
+def _heldout_tokens(tokenizer, at_least: int = 400_000) -> list[int]:
+    """Token ids of held-out standard-library files, in a fixed order, until there are enough
+    (computed once per tokenizer)."""
+    if id(tokenizer) in _HELDOUT:
+        return _HELDOUT[id(tokenizer)]
     from transformers.utils import logging as hf_logging
 
     from tpserve.bundled.corpus import load_corpus
@@ -97,6 +112,7 @@ def _heldout_tokens(tokenizer, at_least: int) -> list[int]:
     ids: list[int] = []
     for rel in sorted(heldout):
         ids += tokenizer.encode(heldout[rel], add_special_tokens=False)
-        if len(ids) >= max(at_least, 200_000):
+        if len(ids) >= at_least:
             break
+    _HELDOUT[id(tokenizer)] = ids
     return ids
