@@ -3,7 +3,9 @@
 crosscheck: the server at the chosen flags, loaded in turn by tpserve.loadgen and by an independent
 load generator (GuideLLM, `guidellm run`, concurrent streams over the OpenAI HTTP API) with the same
 text prompts and output lengths at the same concurrency; their output throughput and p95 TTFT
-should agree within 10%. GuideLLM is not a tpserve dependency: install it into a venv of its own
+should agree within 10%. On a machine with few cores the load generator's own CPU is taken from
+the server (GuideLLM keeps about 0.8 of a core busy, tpserve.loadgen 0.1): `--server-cpus 0
+--client-cpus 1` gives each side cores of its own. GuideLLM is not a tpserve dependency: install it into a venv of its own
 (`python -m venv /tmp/gl && /tmp/gl/bin/pip install -c constraints-cpu.txt guidellm`) and pass
 `--guidellm /tmp/gl/bin/guidellm`.
 
@@ -22,6 +24,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
+import resource
 import statistics
 import subprocess
 import time
@@ -33,6 +37,11 @@ from tpserve.loadgen import run_load, summarize
 from tpserve.profile.server import ServerProcess, scrape
 from tpserve.profile.sweep import SLO
 from tpserve.profile.workload import LengthDist, synthetic
+
+
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
 
 
 def load_point(path: str) -> tuple[dict, dict]:
@@ -68,8 +77,8 @@ def text_workload(point: dict, report: dict, n: int, seed: int) -> list[tuple[st
 
 
 def run_guidellm(exe: str, http: str, model: str, tokenizer: str, data: Path, streams: int, n: int, out: Path) -> dict:
-    cmd = [exe, "run", "--backend", f"kind=openai_http,target={http},model={model}",
-           "--profile", f"kind=concurrent,streams={streams}", "--constraint", f"kind=max_requests,max_requests={n}",
+    cmd = [exe, "run", "--backend", f"kind=openai_http,target={http},model={model},request_format=/v1/completions",
+           "--profile", f"kind=concurrent,streams={streams}", "--constraint", f"kind=max_requests,count={n}",
            "--tokenizer", f"kind=hf_auto,model={tokenizer}", "--data", f"kind=json_file,path={data}",
            "--output", f"kind=json,path={out}", "--disable-console-interactive"]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
@@ -100,31 +109,45 @@ def crosscheck(args) -> None:
     data = out / "crosscheck_data.jsonl"
     data.write_text("".join(json.dumps({"prompt": p, "output_tokens_count": k}) + "\n" for p, k in work))
     rows, runs = [], {"tpserve.loadgen": [], "guidellm": []}
-    with ServerProcess(server_flags(point, **{"--slo-ttft": "0"}), point["tp"], out / "crosscheck_server.log") as srv:
+    # Both generators send the same prompts, run after run: without prefix caching every run
+    # computes its prefills, as every profiled run did (each drew prompts of its own).
+    flags = server_flags(point, **{"--slo-ttft": "0", "--no-prefix-caching": True})
+    if args.server_cpus:  # the server on its cores, both load generators on the others
+        os.sched_setaffinity(0, args.client_cpus)
+    with ServerProcess(flags, point["tp"], out / "crosscheck_server.log", cpus=args.server_cpus) as srv:
         model = json.loads(__import__("httpx").get(srv.http + "/v1/models").text)["data"][0]["id"]
         asyncio.run(run_load(srv.http, work[:batch], float("inf"), batch))  # warm-up
         for r in range(args.repeats):
             order = ["tpserve.loadgen", "guidellm"] if r % 2 == 0 else ["guidellm", "tpserve.loadgen"]
             for who in order:
+                who_usage = resource.RUSAGE_CHILDREN if who == "guidellm" else resource.RUSAGE_SELF
+                cpu0, wall0 = cpu_seconds(who_usage), time.perf_counter()
                 if who == "guidellm":
                     row = run_guidellm(args.guidellm, srv.http, model, point["flags"]["--model"], data, batch, n,
                                        out / f"guidellm_{r}.json")
                 else:
                     results, elapsed = asyncio.run(run_load(srv.http, work, float("inf"), batch))
                     row = summarize("closed loop", results, elapsed, float("inf"), float("inf"))
-                runs[who].append({k: row[k] for k in ("out_tok_per_s", "ttft_p50_ms", "ttft_p95_ms")})
+                # The load generator's own CPU (cores busy on average): on a 2-core machine it is taken
+                # from the server.
+                row["client_cores"] = (cpu_seconds(who_usage) - cpu0) / (time.perf_counter() - wall0)
+                runs[who].append({k: row[k] for k in ("out_tok_per_s", "ttft_p50_ms", "ttft_p95_ms", "client_cores")})
     for who, rs in runs.items():
         rows.append({"generator": who, "concurrency": batch, "requests": n,
-                     **{k: statistics.median(r[k] for r in rs) for k in ("out_tok_per_s", "ttft_p50_ms", "ttft_p95_ms")}})
+                     **{k: statistics.median(r[k] for r in rs)
+                        for k in ("out_tok_per_s", "ttft_p50_ms", "ttft_p95_ms", "client_cores")}})
     ratio = {k: statistics.median(g[k] / t[k] for g, t in zip(runs["guidellm"], runs["tpserve.loadgen"]))
              for k in ("out_tok_per_s", "ttft_p95_ms")}
     profiled = point["measured"]
     rows.append({"generator": "profile (chosen point)", "concurrency": batch, "requests": None,
-                 "out_tok_per_s": profiled["out_tok_per_s"], "ttft_p50_ms": None, "ttft_p95_ms": profiled["ttft_p95_ms"]})
-    print_table(rows, ["generator", "concurrency", "requests", "out_tok_per_s", "ttft_p50_ms", "ttft_p95_ms"])
+                 "out_tok_per_s": profiled["out_tok_per_s"], "ttft_p50_ms": None, "ttft_p95_ms": profiled["ttft_p95_ms"],
+                 "client_cores": None})
+    print_table(rows, ["generator", "concurrency", "requests", "out_tok_per_s", "ttft_p50_ms", "ttft_p95_ms",
+                       "client_cores"])
     print(f"\nguidellm / tpserve.loadgen (median of paired runs): output tok/s {ratio['out_tok_per_s']:.3f}, "
           f"p95 TTFT {ratio['ttft_p95_ms']:.3f}")
     write_json(args.output, {"rows": rows, "runs": runs, "guidellm_over_loadgen": ratio, "point": point,
+                             "server_cpus": args.server_cpus, "client_cpus": args.client_cpus,
                              "machine": machine_info()})
 
 
@@ -188,6 +211,9 @@ def main() -> None:
     c.add_argument("--num-requests", type=int, default=None, help="default: max(16, 4 x batch)")
     c.add_argument("--repeats", type=int, default=2)
     c.add_argument("--seed", type=int, default=7)
+    c.add_argument("--server-cpus", type=lambda t: [int(x) for x in t.split(",")], default=None,
+                   help="pin the server to these cores (e.g. 0) and the load generators to --client-cpus")
+    c.add_argument("--client-cpus", type=lambda t: [int(x) for x in t.split(",")], default=None)
     c.add_argument("--output", default="out/crosscheck.json")
     o = sub.add_parser("overload")
     o.add_argument("--point", required=True)

@@ -94,3 +94,25 @@ def test_the_operating_point_is_what_the_server_serves(swept, tmp_path):
         assert "tuned for SLO" in srv.tail(20000)
     finally:
         srv.close()
+
+
+def test_sigterm_stops_the_sweep_and_its_server_and_keeps_finished_runs(tmp_path):
+    import signal
+    import time
+
+    out = tmp_path / "p"
+    proc = subprocess.Popen([sys.executable, "-m", "tpserve.profile", "--out", str(out), *SWEEP],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT)
+    deadline = time.monotonic() + 300
+    while not (out / "runs.jsonl").exists() or not (out / "runs.jsonl").read_text().strip():
+        assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[1][-3000:]
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "resumes the sweep" in err
+    kept = (out / "runs.jsonl").read_text().splitlines()
+    assert len(kept) >= 1 and json.loads(kept[0])["batch_size"] == 1
+    for log in (out / "logs").iterdir():  # every server it started is gone
+        port = log.read_text().split("--port ")[1].split()[0]
+        found = subprocess.run(["pgrep", "-f", f"--port {port} "], capture_output=True, text=True).stdout.split()
+        assert not found, f"{log.name}: server processes {found} still run"

@@ -55,6 +55,15 @@ def test_streamed_completion_choices_and_usage():
         assert finished == {0: "length", 1: "length", 2: "length", 3: "length"}
         assert chunks[-1]["choices"] == [] and chunks[-1]["usage"] == {"prompt_tokens": 5, "completion_tokens": 20,
                                                                        "total_tokens": 25}
+        assert all("usage" not in c for c in chunks[:-1])
+        # vLLM's continuous_usage_stats (GuideLLM sends it, with "stop": null): usage in every chunk, growing.
+        body["stream_options"]["continuous_usage_stats"] = True
+        body["stop"] = None
+        with client_for(served).stream("POST", "/v1/completions", json=body) as res:
+            assert res.status_code == 200
+            chunks = [json.loads(line[6:]) for line in res.iter_lines() if line.startswith("data: {")]
+        counts = [c["usage"]["completion_tokens"] for c in chunks]
+        assert counts == sorted(counts) and counts[-1] == 20 and all(c["usage"]["prompt_tokens"] == 5 for c in chunks)
     finally:
         served.stop()
 

@@ -101,6 +101,8 @@ def test_tpserve_import_graph_has_no_cycles():
 
 def test_kernels_import_nothing_from_tpserve():
     assert not (ROOT / "kernels").exists(), "a top-level kernels/ shadows the PyPI package when run from the root"
+    for folder in ("benchmarks", "launch", "scripts"):  # a script's own folder is first on sys.path
+        assert not (ROOT / folder / "kernels.py").exists() and not (ROOT / folder / "kernels").exists(), folder
     for path in (ROOT / "tpserve" / "kernels").glob("*.py"):
         name = module_name(path)
         outside = {m for m in imported_names(path, name)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import signal
 import sys
 import zlib
 from dataclasses import asdict
@@ -203,11 +204,19 @@ def _tokenizer(model: str):
 
 
 def cli(argv=None) -> int:
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGTERM, interrupted)  # stop the running server on the way out, as Ctrl-C does
     try:
         return main(argv)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: the finished runs are kept in --out/runs.jsonl; the same command resumes the sweep",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -33,7 +33,10 @@ class ServerProcess:
     """`with ServerProcess(flags, tp, log) as s:` starts the server and waits until it serves;
     s.grpc and s.http are its addresses."""
 
-    def __init__(self, flags: list[str], tp: int, log_path: Path, ready_timeout_s: float = 600) -> None:
+    def __init__(self, flags: list[str], tp: int, log_path: Path, ready_timeout_s: float = 600,
+                 cpus: list[int] | None = None) -> None:
+        """cpus: pin the server to these cores (Linux), one OpenMP thread per core and rank."""
+        self.cpus = cpus
         self.flags = flags
         self.tp = tp
         self.log_path = Path(log_path)
@@ -51,7 +54,14 @@ class ServerProcess:
         self._log = open(self.log_path, "w")
         self._log.write(" ".join(cmd) + "\n")
         self._log.flush()
-        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True)
+        env = dict(os.environ)
+        # torchrun gives every rank one OpenMP thread unless told otherwise; on CPU that would leave
+        # cores idle at TP below the core count, so each rank gets its share of them.
+        cores = len(self.cpus) if self.cpus else (os.cpu_count() or 1)
+        env.setdefault("OMP_NUM_THREADS", str(max(1, cores // self.tp)))
+        pin = (lambda: os.sched_setaffinity(0, self.cpus)) if self.cpus else None
+        self.proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True, env=env,
+                                     preexec_fn=pin)
         try:
             self._wait_ready()
         except BaseException:

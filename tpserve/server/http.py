@@ -196,7 +196,7 @@ class _Reply:
                 choice, before = self._take(index, out)
                 piece = self._delta(choice, before, out)
                 if piece is not None:
-                    yield self._chunk([piece])
+                    yield self._chunk([piece], **({"usage": self._usage()} if self.body.continuous_usage else {}))
         except RequestError as e:  # the group failed after the stream started
             status = fmt.request_error_status(e)
             yield fmt.sse(fmt.error_body(status, str(e), e.kind))

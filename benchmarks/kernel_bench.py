@@ -10,7 +10,7 @@ Timing: CUDA events around each call, L2 flushed before each call (weights must 
 as in a real layer-by-layer forward), warm-up, median of the repeats. Each kernel is checked once
 against its torch reference (max |err| / max |ref| in the `rel_err` column).
 
-    python benchmarks/kernels.py [--repeats 50] [--output out/kernels.json]
+    python benchmarks/kernel_bench.py [--repeats 50] [--output out/kernels.json]
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ def main() -> int:
     p.add_argument("--output", default="out/kernels.json")
     args = p.parse_args()
     if not torch.cuda.is_available():
-        print("benchmarks/kernels.py needs a CUDA GPU (Triton kernels); none found, skipping.")
+        print("benchmarks/kernel_bench.py needs a CUDA GPU (Triton kernels); none found, skipping.")
         return 0
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float16
     torch.manual_seed(0)
