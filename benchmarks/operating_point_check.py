@@ -178,7 +178,8 @@ def overload(args) -> None:
             asyncio.run(run_load(srv.http, work[: point["batch_size"]], float("inf"), point["batch_size"]))
             before = scrape(srv.http)
             t0 = time.perf_counter()
-            results, elapsed = asyncio.run(run_load(srv.http, work, rate, 0, args.seed))
+            target = srv.grpc if args.protocol == "grpc" else srv.http
+            results, elapsed = asyncio.run(run_load(target, work, rate, 0, args.seed))
             after = scrape(srv.http)
         row = summarize(label, results, elapsed, ttft_ms, tpot_ms)
         admitted = [r for r in results if not r["rejected"]]
@@ -220,6 +221,8 @@ def main() -> None:
     o.add_argument("--factor", type=float, default=3.0)
     o.add_argument("--seconds", type=float, default=60.0)
     o.add_argument("--seed", type=int, default=11)
+    o.add_argument("--protocol", choices=["grpc", "http"], default="grpc",
+                   help="the offered load's protocol (gRPC costs the client less CPU, which this machine shares)")
     o.add_argument("--output", default="out/overload.json")
     args = p.parse_args()
     crosscheck(args) if args.cmd == "crosscheck" else overload(args)

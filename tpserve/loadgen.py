@@ -108,13 +108,15 @@ def wait_ready(target: str, timeout: float = 300) -> None:
 
 
 @contextlib.asynccontextmanager
-async def connect(target: str, concurrency: int = 64):
+async def connect(target: str, concurrency: int = 0):
     """-> an async function (prompt, max_tokens) -> one request's record, for a gRPC HOST:PORT or
     an http:// URL."""
     if target.startswith("http://"):
         import httpx
 
-        limits = httpx.Limits(max_connections=max(concurrency, 64) * 2)
+        # Closed loop: a connection per client; open loop: no client-side limit, or the pool would
+        # hold back the arrivals it is meant to offer.
+        limits = httpx.Limits(max_connections=concurrency * 2 if concurrency else None, max_keepalive_connections=64)
         async with httpx.AsyncClient(base_url=target, limits=limits, timeout=600) as client:
             model = (await client.get("/v1/models")).json()["data"][0]["id"]
             yield lambda prompt, n: http_request(client, model, prompt, n)

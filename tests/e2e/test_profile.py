@@ -16,8 +16,11 @@ from tests.server_proc import ROOT, ServerProc
 from tpserve.bundled import DEFAULT_MODEL_DIR
 
 pytestmark = pytest.mark.slow
-SWEEP = ["--batch-sizes", "1,2,4", "--input-len", "16:48", "--output-len", "8:16", "--rounds", "2",
-         "--min-requests", "4", "--slo-ttft-p95", "2", "--min-tokens-per-user", "5", "--dtype", "float32"]
+# 10 KV blocks of 16 tokens hold two requests of at most 48 + 16 tokens (4 blocks each), not four:
+# batch 4 preempts, and the sweep must end there on memory.
+SWEEP = ["--batch-sizes", "1,2,4,8", "--input-len", "16:48", "--output-len", "8:16", "--rounds", "2",
+         "--min-requests", "4", "--slo-ttft-p95", "2", "--min-tokens-per-user", "5", "--dtype", "float32",
+         "--num-kv-blocks", "10"]
 
 
 def profile(out, *extra):
@@ -38,7 +41,10 @@ def test_the_sweep_writes_every_file_and_the_chosen_point_meets_the_slo(swept):
     out, res = swept
     report = json.loads((out / "report.json").read_text())
     points = report["points"]
-    assert [p["batch_size"] for p in points][:2] == [1, 2]
+    assert [p["batch_size"] for p in points] == [1, 2, 4]
+    assert points[2]["over_memory"] and points[2]["preemptions"] > 0 and not points[2]["meets_slo"]
+    assert report["stopped"]["float"].startswith("batch 4: the KV cache could not hold the batch")
+    assert points[0]["peak_kv_usage"] > 0
     with open(out / "points.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["batch_size"]) for r in rows] == [p["batch_size"] for p in points]
@@ -55,12 +61,11 @@ def test_the_sweep_writes_every_file_and_the_chosen_point_meets_the_slo(swept):
         assert p["out_tok_per_s"] > 0 and p["ttft_p95_ms"] > 0 and p["peak_kv_usage"] >= 0
     # ... and the next larger batch either misses it or adds no throughput.
     bigger = [p for p in points if p["batch_size"] > best["batch_size"]]
-    if bigger:
-        assert bigger[0]["misses"] or bigger[0]["over_memory"] or bigger[0]["out_tok_per_s"] <= best["out_tok_per_s"]
-    else:
-        assert report["stopped"]["float"].startswith("the last batch size")
+    assert bigger and (bigger[0]["misses"] or bigger[0]["over_memory"]
+                       or bigger[0]["out_tok_per_s"] <= best["out_tok_per_s"])
     op = json.loads((out / "operating_point.json").read_text())
     assert op["flags"]["--max-num-seqs"] == str(best["batch_size"]) and op["slo_ttft_s"] == 2.0
+    assert op["flags"]["--num-kv-blocks"] == "10"  # the engine flags it was measured with travel along
     assert op["measured"]["ttft_p95_ms"] == best["ttft_p95_ms"]
 
 
@@ -77,7 +82,7 @@ def test_an_interrupted_sweep_resumes_where_it_stopped(swept, tmp_path):
     assert json.loads(again[-1])["batch_size"] == json.loads(runs[-1])["batch_size"]
     logs = sorted(p.name for p in (resumed / "logs").iterdir())
     assert logs == [f"float-b{json.loads(runs[-1])['batch_size']}.log"]  # only the missing point had a server
-    res = subprocess.run([sys.executable, "-m", "tpserve.profile", "--out", str(resumed), *SWEEP[:-2], "--seed", "9"],
+    res = subprocess.run([sys.executable, "-m", "tpserve.profile", "--out", str(resumed), *SWEEP, "--seed", "9"],
                          capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert res.returncode == 2 and "other settings" in res.stderr and "seed" in res.stderr
 
