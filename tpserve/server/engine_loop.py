@@ -154,7 +154,9 @@ class EngineLoop:
         max_len = self.engine.scheduler.config.max_model_len
         batch = max(1, min(self.engine.scheduler.config.max_num_seqs, 8))
         vocab = self.engine.vocab_size
-        prompt = [3 + (i * 7919) % (vocab - 3) for i in range(min(budget, max_len - 2))]
+        bm = self.engine.block_manager
+        longest = min(budget, max_len - 2, (bm.num_blocks - 1) * bm.block_size)  # must fit the KV cache too
+        prompt = [3 + (i * 7919) % (vocab - 3) for i in range(max(1, longest))]
         for size in (len(prompt), len(prompt) // 4, len(prompt) // 16):  # each its own prefill step
             if size > 16:
                 self.engine.add_sequence(make_sequence(f"calibrate-long-{size}", prompt[-size:], 1))
