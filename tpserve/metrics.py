@@ -127,7 +127,9 @@ class _EngineCollector:
         gauges = (("num_requests_running", "Requests in the running batch.", s.num_running),
                   ("num_requests_waiting", "Requests waiting to be scheduled.", s.num_waiting),
                   ("kv_cache_usage_perc", "Fraction of KV-cache blocks in use (1 is full).",
-                   s.kv_blocks_in_use / s.kv_blocks_total if s.kv_blocks_total else 0.0))
+                   s.kv_blocks_in_use / s.kv_blocks_total if s.kv_blocks_total else 0.0),
+                  ("kv_cache_usage_peak_perc", "The highest fraction of KV-cache blocks in use at once since start.",
+                   s.kv_blocks_in_use_peak / s.kv_blocks_total if s.kv_blocks_total else 0.0))
         for name, doc, value in gauges:
             g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
             g.add_metric(m, value)

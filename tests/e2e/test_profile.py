@@ -44,7 +44,7 @@ def test_the_sweep_writes_every_file_and_the_chosen_point_meets_the_slo(swept):
     assert [p["batch_size"] for p in points] == [1, 2, 4]
     assert points[2]["over_memory"] and points[2]["preemptions"] > 0 and not points[2]["meets_slo"]
     assert report["stopped"]["float"].startswith("batch 4: the KV cache could not hold the batch")
-    assert points[2]["peak_kv_usage"] > 0  # sampled from /metrics while the cache overflowed
+    assert points[2]["peak_kv_usage"] >= 0.6  # the server's high-water mark: the cache overflowed
     with open(out / "points.csv") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["batch_size"]) for r in rows] == [p["batch_size"] for p in points]

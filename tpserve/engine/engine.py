@@ -53,6 +53,7 @@ class LLMEngine:
         self.num_steps = 0
         self.last_step_num_tokens = 0
         self.last_step_num_seqs = 0
+        self.kv_blocks_in_use_peak = 0  # the most blocks in use right after a step's scheduling, since start
 
     # --- requests -----------------------------------------------------------------------------
     def add_sequence(self, seq: Sequence) -> None:
@@ -86,6 +87,7 @@ class LLMEngine:
         started = time.perf_counter()
         lookahead = self.spec.plan_step(self.scheduler.running) if self.spec is not None else 0
         batch = self.scheduler.schedule(lookahead)
+        self.kv_blocks_in_use_peak = max(self.kv_blocks_in_use_peak, self.block_manager.num_in_use_blocks)
         updated = []
         if batch.scheduled:
             if self.spec is not None:
@@ -174,7 +176,7 @@ class LLMEngine:
             prefix_cache_queries=bm.num_queried_tokens, prefix_cache_hits=bm.num_hit_tokens,
             spec_num_drafts=self.spec.totals.num_spec_steps if self.spec is not None else 0,
             spec_accepted_by_position=tuple(self.spec.totals.accepted_by_position) if self.spec is not None else (),
-            last_step_num_tokens=self.last_step_num_tokens,
+            last_step_num_tokens=self.last_step_num_tokens, kv_blocks_in_use_peak=self.kv_blocks_in_use_peak,
         )
 
     def leftovers(self) -> dict[str, int]:

@@ -52,3 +52,4 @@ class EngineStats:
     spec_num_drafts: int = 0  # sequence-steps that verified proposals
     spec_accepted_by_position: tuple[int, ...] = ()
     last_step_num_tokens: int = 0  # tokens the latest step computed
+    kv_blocks_in_use_peak: int = 0  # the most KV blocks in use at once since start

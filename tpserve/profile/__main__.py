@@ -180,7 +180,8 @@ def measure_point(args, cand: Candidate, batch: int, flags: list[str], n: int, m
     def runs(target: str, http: str | None) -> None:
         asyncio.run(run_load(target, warm, float("inf"), batch, args.seed))
         for r in range(already, args.repeats):
-            row = measure_run(target, http, make_work(n, base + r), batch, slo, args.seed + r)
+            row = measure_run(target, http, make_work(n, base + r), batch, slo, args.seed + r,
+                              own_server=not args.server)
             store.add({"candidate": cand.name, "batch_size": batch, "repeat": r, **row})
             bar.update(1)
 
