@@ -153,6 +153,8 @@ def crosscheck(args) -> None:
 
 def overload(args) -> None:
     point, report = load_point(args.point)
+    if not point.get("slo_ttft_s"):
+        raise SystemExit(f"{args.point} was profiled without --slo-ttft-p95: admission control has no SLO to hold")
     slo = SLO(**point["slo"])
     capacity = point["measured"]["req_per_s"]
     chosen = next(p for p in report["points"]
@@ -187,7 +189,7 @@ def overload(args) -> None:
         # until the last response (a queue left to drain after the offered minute counts against it).
         row.update(offered_req_per_s=n / args.seconds, admitted=len(admitted), wall_seconds=time.perf_counter() - t0,
                    good=sum(r["ttft"] * 1000 <= ttft_ms and r["tpot"] * 1000 <= tpot_ms for r in admitted))
-        row["goodput_vs_profiled"] = row["goodput_req_per_s"] / profiled_goodput
+        row["goodput_vs_profiled"] = row["goodput_req_per_s"] / profiled_goodput if profiled_goodput else float("nan")
         row["server_rejected"] = sum(v - before.get(k, 0.0) for k, v in after.items()
                                      if k.startswith("tpserve:request_rejected_total"))
         row["slo_ttft_p95_ok"] = row["ttft_p95_ms"] <= ttft_ms

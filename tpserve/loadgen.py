@@ -74,6 +74,8 @@ async def http_request(client, model: str, prompt: Prompt, max_tokens: int) -> d
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             chunk = json.loads(line[6:])
+            if "error" in chunk:
+                raise RuntimeError(f"the server ended the stream with an error: {chunk['error']}")
             if chunk["choices"]:
                 stamps.append(time.perf_counter())
             elif chunk.get("usage"):

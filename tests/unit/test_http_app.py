@@ -119,3 +119,18 @@ def test_token_prompts_give_the_models_tokens(prompt):
         assert choice["finish_reason"] == "length" and res.json()["usage"]["completion_tokens"] == 6
     finally:
         served.stop()
+
+
+def test_the_samples_of_an_admitted_request_are_not_refused_by_the_queue_limit():
+    """n samples are one request: once its first sample is queued, the others (submitted after
+    it has output) skip the waiting-queue limit rather than fail a response already under way."""
+    served = Served(max_queued_requests=1, max_num_seqs=1, step_seconds=0.002).start()
+    try:
+        body = {"model": "fake", "prompt": [4, 5, 6], "max_tokens": 6, "n": 4, "temperature": 0, "ignore_eos": True}
+        res = client_for(served).post("/v1/completions", json=body)
+        assert res.status_code == 200, res.text
+        assert [c["finish_reason"] for c in res.json()["choices"]] == ["length"] * 4
+        assert res.json()["usage"]["completion_tokens"] == 24
+        assert served.engine.leftovers() == {}
+    finally:
+        served.stop()

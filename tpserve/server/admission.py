@@ -156,13 +156,14 @@ class AdmissionController:
             self._admitted.pop(request_id, None)
 
     # --- front end (the door's submit) --------------------------------------------------------
-    def admit(self, request_id: str, prompt_tokens: int, max_tokens: int) -> float:
+    def admit(self, request_id: str, prompt_tokens: int, max_tokens: int, check: bool = True) -> float:
         """Admit the request and return its predicted TTFT, or raise Overloaded naming the
-        prediction and the SLO (with `retry_after` seconds)."""
+        prediction and the SLO (with `retry_after` seconds). check=False admits it regardless
+        (another sample of an admitted request) but still counts it."""
         with self._lock:
             predicted = self._predict(prompt_tokens)
             limit = self.margin * self.slo_ttft_s
-            if predicted > limit:
+            if check and predicted > limit:
                 self.num_rejected += 1
                 raise Overloaded(f"predicted time to first token {predicted:.3f} s would exceed the SLO: "
                                  f"--slo-ttft={self.slo_ttft_s:g} s (admitting up to {limit:.3f} s, margin "

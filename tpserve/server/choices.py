@@ -64,13 +64,18 @@ class ChoiceSet:
             except RequestError as e:
                 await queue.put((index, e))
 
+        siblings = []
+
         async def run_prompt(i: int, first) -> None:
             outputs = first.outputs()
             try:
                 await queue.put((i * self.n, await outputs.__anext__()))
                 text, ids = self.prompts[i]
                 for j in range(1, self.n):
-                    sub = self.core.submit(f"{self.request_id}-{i}-{j}", text, ids, sample_params(self.params, j))
+                    # Part of a request already admitted: no queue limit or admission check again.
+                    sub = self.core.submit(f"{self.request_id}-{i}-{j}", text, ids, sample_params(self.params, j),
+                                           admitted=True)
+                    siblings.append(sub)
                     tasks.append(asyncio.ensure_future(drain(i * self.n + j, sub.outputs())))
             except StopAsyncIteration:
                 return
@@ -91,5 +96,5 @@ class ChoiceSet:
         finally:
             for task in tasks:
                 task.cancel()
-            for sub in self.firsts:
+            for sub in [*self.firsts, *siblings]:  # a task cancelled before it ran never aborts its own
                 sub.abort()

@@ -73,15 +73,16 @@ class ServingCore:
             raise NotFound(f"model {name!r} is not served here; the served model is {self.served_model_name!r}")
 
     def submit(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-               params: SamplingParams | None = None) -> Submission:
+               params: SamplingParams | None = None, admitted: bool = False) -> Submission:
         """Validate and queue a request now (raising a RequestError before anything is sent, so a
-        protocol can still answer with a status); its outputs come from the Submission."""
+        protocol can still answer with a status); its outputs come from the Submission. admitted:
+        part of a request that already passed the load checks (another sample of its prompt)."""
         door = self.state.require_serving()
         seq = self.state.requests.make(request_id, prompt, prompt_token_ids, params)
         on_finished = self.metrics.observe_finished if self.metrics is not None else None
         handle = RequestHandle(asyncio.get_running_loop(), on_finished)
         try:
-            door.submit(seq, handle)
+            door.submit(seq, handle, admitted)
         except Overloaded as e:
             if self.metrics is not None:
                 self.metrics.observe_rejected(e.reason)

@@ -76,21 +76,33 @@ class EngineLoop:
     def draining(self) -> bool:
         return self._drain_deadline is not None
 
-    def submit(self, seq: Sequence, handle: RequestHandle) -> None:
+    def submit(self, seq: Sequence, handle: RequestHandle, admitted: bool = False) -> None:
+        """Queue a sequence; Overloaded when the waiting queue is full or admission control refuses
+        it, unless `admitted` (part of a request that passed those checks already)."""
+        if seq.request_id in self._handles:  # (checked again under the lock) before admission counts it
+            raise InvalidRequest(f"request id {seq.request_id!r} is already in use")
+        if self.admission is not None:  # its own lock: the engine thread's per-step publish never waits on it
+            self.admission.admit(seq.request_id, seq.num_prompt_tokens, seq.params.max_tokens, check=not admitted)
+        try:
+            self._queue(seq, handle, admitted)
+        except Exception:
+            if self.admission is not None:
+                self.admission.forget(seq.request_id)
+            raise
+
+    def _queue(self, seq: Sequence, handle: RequestHandle, admitted: bool) -> None:
         with self._lock:
             if self.failed is not None:
                 raise Unavailable(f"the server's process group has failed: {self.failed}")
             if self.draining:
                 raise Unavailable("the server is draining and accepts no new requests")
             queued = self._num_pending_adds + self.stats.num_waiting
-            if queued >= self.max_queued_requests:
+            if queued >= self.max_queued_requests and not admitted:
                 raise Overloaded(
                     f"{queued} requests are waiting, the limit is --max-queued-requests={self.max_queued_requests}"
                 )
             if seq.request_id in self._handles:
                 raise InvalidRequest(f"request id {seq.request_id!r} is already in use")
-            if self.admission is not None:
-                self.admission.admit(seq.request_id, seq.num_prompt_tokens, seq.params.max_tokens)
             self._handles[seq.request_id] = handle
             self._num_pending_adds += 1
         self._commands.put(("add", seq))

@@ -97,8 +97,10 @@ def build_app(core: ServingCore, chat_template: str | None = None) -> FastAPI:
     async def chat(body: ChatCompletionRequest, request: Request):
         core.check_model(body.model)
         ids = render_chat(core, body, chat_template)
-        max_model_len = core.model_info().max_model_len
-        params = body.params(default_max_tokens=max(1, max_model_len - len(ids)))
+        # Without max_tokens a reply may run to the end of the context, or of what the KV cache holds.
+        lim = core.state.requests.limits
+        room = min(lim.max_model_len, lim.num_kv_blocks * lim.block_size) - len(ids)
+        params = body.params(default_max_tokens=max(1, room))
         choices = ChoiceSet(core, f"chatcmpl-{uuid.uuid4().hex}", [(None, ids)], params, body.n)
         reply = _ChatReply(core, body, choices)
         if body.stream:
@@ -209,10 +211,11 @@ class _Reply:
 class _CompletionReply(_Reply):
     object_name = "text_completion"
 
-    def _logprobs(self, choice: fmt.Choice, token_ids: list[int], lps: list, tokens_before: list[int],
+    def _logprobs(self, choice: fmt.Choice, token_ids: list[int], lps: list, num_before: int,
                   text_before: str, first: bool) -> dict | None:
         if self.body.logprobs is None:
             return None
+        tokens_before = choice.token_ids[:num_before]
         echo = self.body.echo and first
         offset = (len(choice.echo_text(self.tokenizer)) if self.body.echo else 0) + len(text_before)
         out = fmt.completion_logprobs(self.tokenizer, token_ids, lps, choice.prompt_ids + tokens_before, offset)
@@ -223,16 +226,16 @@ class _CompletionReply(_Reply):
 
     def _whole_choice(self, choice: fmt.Choice) -> dict:
         text = (choice.echo_text(self.tokenizer) if self.body.echo else "") + choice.text
-        logprobs = self._logprobs(choice, choice.token_ids, self.logprobs[choice.index], [], "", True)
+        logprobs = self._logprobs(choice, choice.token_ids, self.logprobs[choice.index], 0, "", True)
         return {"index": choice.index, "text": text, "logprobs": logprobs, "finish_reason": choice.finish_reason}
 
-    def _delta(self, choice: fmt.Choice, before: tuple[list[int], str], out) -> dict | None:
-        tokens_before, text_before = before
-        first = not tokens_before and not text_before
+    def _delta(self, choice: fmt.Choice, before: tuple[int, str], out) -> dict | None:
+        num_before, text_before = before
+        first = not num_before and not text_before
         text = (choice.echo_text(self.tokenizer) if self.body.echo and first else "") + out.text
         if not (text or out.new_token_ids or out.finished):
             return None
-        logprobs = self._logprobs(choice, out.new_token_ids, out.logprobs, tokens_before, text_before, first)
+        logprobs = self._logprobs(choice, out.new_token_ids, out.logprobs, num_before, text_before, first)
         return {"index": choice.index, "text": text, "logprobs": logprobs,
                 "finish_reason": out.finish_reason if out.finished else None}
 
@@ -240,25 +243,25 @@ class _CompletionReply(_Reply):
 class _ChatReply(_Reply):
     object_name = "chat.completion"
 
-    def _logprobs(self, choice: fmt.Choice, token_ids: list[int], lps: list, tokens_before: list[int]) -> dict | None:
+    def _logprobs(self, choice: fmt.Choice, token_ids: list[int], lps: list, num_before: int) -> dict | None:
         if not self.body.logprobs:
             return None
-        return fmt.chat_logprobs(self.tokenizer, token_ids, lps, choice.prompt_ids + tokens_before)
+        return fmt.chat_logprobs(self.tokenizer, token_ids, lps, choice.prompt_ids + choice.token_ids[:num_before])
 
     def _whole_choice(self, choice: fmt.Choice) -> dict:
         return {"index": choice.index, "message": {"role": "assistant", "content": choice.text},
-                "logprobs": self._logprobs(choice, choice.token_ids, self.logprobs[choice.index], []),
+                "logprobs": self._logprobs(choice, choice.token_ids, self.logprobs[choice.index], 0),
                 "finish_reason": choice.finish_reason}
 
-    def _delta(self, choice: fmt.Choice, before: tuple[list[int], str], out) -> dict | None:
-        tokens_before, text_before = before
+    def _delta(self, choice: fmt.Choice, before: tuple[int, str], out) -> dict | None:
+        num_before, text_before = before
         delta = {"content": out.text}
-        if not tokens_before and not text_before:
+        if not num_before and not text_before:
             delta = {"role": "assistant", **delta}
         elif not (out.text or out.new_token_ids or out.finished):
             return None
         return {"index": choice.index, "delta": delta,
-                "logprobs": self._logprobs(choice, out.new_token_ids, out.logprobs, tokens_before),
+                "logprobs": self._logprobs(choice, out.new_token_ids, out.logprobs, num_before),
                 "finish_reason": out.finish_reason if out.finished else None}
 
 

@@ -92,9 +92,9 @@ class Choice:
         self.prompt_logprobs: list | None = None
         self.num_prompt_tokens = len(prompt_ids)
 
-    def add(self, out: RequestOutput) -> tuple[list[int], str]:
-        """Take a delta; returns (the tokens before it, the text before it)."""
-        before = (list(self.token_ids), self.text)
+    def add(self, out: RequestOutput) -> tuple[int, str]:
+        """Take a delta; returns (how many tokens came before it, the text before it)."""
+        before = (len(self.token_ids), self.text)
         self.token_ids += out.new_token_ids
         self.text += out.text
         if out.prompt_logprobs is not None:
