@@ -113,17 +113,16 @@ class LLMEngine:
         scoring chunk computed. Logit rows come in plan order, `num_logit_rows` per item."""
         plain, plain_rows, speculating, row = [], [], [], 0
         for item in batch.scheduled:
-            n = item.num_logit_rows
-            rows, row = logits[row : row + n], row + n
+            start, row = row, row + item.num_logit_rows  # a view is made only where rows are read
             if item.scores_prompt:
-                item.prompt_logprobs = score_prompt(item, rows)
+                item.prompt_logprobs = score_prompt(item, logits[start:row])
             if not item.samples or item.seq.params.max_tokens == 0:
                 continue
             if item.proposal is None:
                 plain.append(item)
                 plain_rows.append(row - 1)
             else:
-                speculating.append((item, rows))
+                speculating.append((item, logits[start:row]))
         if plain:
             tokens, lps = self.sampler.sample(logits[plain_rows], [item.seq for item in plain])
             for item, token, lp in zip(plain, tokens, lps):
