@@ -104,6 +104,7 @@ class Choice:
         return before
 
     def echo_text(self, tokenizer) -> str:
-        if self.prompt_text is not None:
-            return self.prompt_text
-        return "".join(token_texts(tokenizer, self.prompt_ids, []))
+        """The prompt as text: as given, or detokenised once from its token ids."""
+        if self.prompt_text is None:
+            self.prompt_text = "".join(token_texts(tokenizer, self.prompt_ids, []))
+        return self.prompt_text
