@@ -59,7 +59,7 @@ def paired_ratios(runs: dict, loads: list[str], names: list[str]) -> list[dict]:
 
 def start_server(args, metrics: bool = True):
     """-> (process, {protocol: target}) for a 1-process server on free ports."""
-    from dist_ports import free_port
+    from tpserve.profile.server import free_port
 
     port, http_port = free_port(), free_port()
     cmd = [sys.executable, str(ROOT / "launch" / "serve.py"), "--port", str(port), "--http-port", str(http_port),

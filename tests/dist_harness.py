@@ -5,19 +5,13 @@ from __future__ import annotations
 
 import io
 import os
-import socket
 import traceback
 
 import torch
 import torch.multiprocessing as mp
 
 from tpserve.distributed import TPGroup
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tpserve.profile.server import free_port
 
 
 def _entry(rank, world_size, port, fn, args, queue):
