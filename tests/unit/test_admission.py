@@ -125,3 +125,22 @@ def test_a_simulated_burst_keeps_every_admitted_request_inside_the_slo():
 def test_bad_settings_name_the_flag(slo, margin):
     with pytest.raises(ValueError, match="--slo-ttft"):
         AdmissionController(slo, 4, 64, margin=margin)
+
+
+def test_requests_that_stop_early_shorten_the_expected_slot_wait():
+    ctl = AdmissionController(100.0, max_num_seqs=1, max_num_batched_tokens=256, cost=fitted())
+    ctl.admit("busy", 16, 400)
+    ctl.on_output("busy", 1, False)
+    full = ctl.predict(16)  # 399 more steps expected: max_tokens until something says otherwise
+    for i in range(200):  # finished requests stop on EOS at a quarter of their max_tokens
+        ctl.admit(f"r{i}", 16, 100, check=False)
+        ctl.on_output(f"r{i}", 25, True, "stop")
+    for i in range(50):  # aborted ones teach nothing
+        ctl.admit(f"a{i}", 16, 100, check=False)
+        ctl.on_output(f"a{i}", 1, True, "abort")
+    assert ctl.length_ratio == pytest.approx(0.25, abs=0.01)
+    # "busy" is now expected to end near 100 tokens: 99 more steps of a batch of 1, then the prefill.
+    assert ctl.predict(16) == pytest.approx(99 * step_seconds(1, 1) + step_seconds(16, 1), rel=0.02)
+    assert ctl.predict(16) < full / 3
+    ctl.on_output("busy", 150, False)  # past its expected length: at least one more step
+    assert ctl.predict(16) == pytest.approx(step_seconds(1, 1) + step_seconds(16, 1), rel=0.02)

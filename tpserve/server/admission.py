@@ -8,8 +8,9 @@ admitted one inside the SLO; letting it queue would make it, and everyone behind
 The prediction has two parts, both in measured seconds:
 
 - **waiting for a batch slot.** The running batch holds at most `max_num_seqs` sequences. The
-  controller knows every admitted request's remaining output (max_tokens minus what it has
-  produced; exact with ignore_eos, an upper bound otherwise), so it replays the slots: each
+  controller knows every admitted request's remaining output (its expected length minus what it
+  has produced; the expected length is max_tokens scaled by the ratio of output to max_tokens
+  that finished requests showed, since EOS stops many early), so it replays the slots: each
   decoding request frees its slot after its remaining tokens, each request queued ahead takes the
   first free slot for its whole output, and the new request gets the next free slot. That many
   decode steps, at the measured cost of a step of the current batch, is the wait.
@@ -120,16 +121,19 @@ class AdmissionController:
         self._admitted: dict[str, _Admitted] = {}
         self.num_rejected = 0
         self.correction = 1.0  # actual / predicted TTFT, learned from admitted requests
+        self.length_ratio = 1.0  # output tokens / max_tokens of finished requests (EOS stops early)
 
     LEARN_FROM = 0.1  # of the SLO
     CORRECTION_RATE = 0.05
+    LENGTH_RATE = 0.05
 
     # --- engine thread ------------------------------------------------------------------------
     def observe_step(self, num_tokens: int, num_seqs: int, seconds: float) -> None:
         with self._lock:
             self.cost.observe(num_tokens, seconds, num_seqs)
 
-    def on_output(self, request_id: str, num_output_tokens: int, finished: bool) -> None:
+    def on_output(self, request_id: str, num_output_tokens: int, finished: bool,
+                  finish_reason: str | None = None) -> None:
         with self._lock:
             a = self._admitted.get(request_id)
             if a is None:
@@ -139,8 +143,16 @@ class AdmissionController:
                 self._learn(a, time.monotonic() - a.admitted_at)
             if finished:
                 del self._admitted[request_id]
+                if finish_reason in ("stop", "length"):  # an abort says nothing about lengths
+                    ratio = min(1.0, num_output_tokens / max(1, a.max_tokens))
+                    self.length_ratio += self.LENGTH_RATE * (ratio - self.length_ratio)
             else:
                 a.generated = num_output_tokens
+
+    def _expected_output(self, a: _Admitted) -> int:
+        """Tokens the request will have produced when it finishes: max_tokens scaled by the
+        learned length ratio, never less than what it has already produced plus one."""
+        return min(a.max_tokens, max(a.generated + 1, math.ceil(self.length_ratio * a.max_tokens)))
 
     def _learn(self, a: _Admitted, actual_s: float) -> None:
         """Fold how long the first token really took into the correction of predictions (only
@@ -184,11 +196,11 @@ class AdmissionController:
         queued = [a for a in self._admitted.values() if not a.first_output]
         # Slots: a decoding request frees its slot after its remaining tokens; each queued request
         # (in arrival order: dicts keep insertion order) takes the first free slot for its output.
-        slots = [max(0, a.max_tokens - a.generated) for a in decoding][: self.max_num_seqs]
+        slots = [max(0, self._expected_output(a) - a.generated) for a in decoding][: self.max_num_seqs]
         slots += [0] * (self.max_num_seqs - len(slots))
         heapq.heapify(slots)
         for a in queued:
-            heapq.heapreplace(slots, slots[0] + a.max_tokens)
+            heapq.heapreplace(slots, slots[0] + self._expected_output(a))
         wait_steps = slots[0]
         batch = min(self.max_num_seqs, len(decoding) + len(queued) + 1)
         decode = self.cost.seconds(batch * wait_steps, batch * wait_steps, wait_steps)

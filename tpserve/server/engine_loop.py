@@ -229,7 +229,7 @@ class EngineLoop:
     def _deliver(self, outputs) -> None:
         for out in outputs:
             if self.admission is not None:
-                self.admission.on_output(out.request_id, out.num_output_tokens, out.finished)
+                self.admission.on_output(out.request_id, out.num_output_tokens, out.finished, out.finish_reason)
             handle = self._handles.get(out.request_id)
             if handle is None:
                 continue
