@@ -121,3 +121,26 @@ def test_sigterm_stops_the_sweep_and_its_server_and_keeps_finished_runs(tmp_path
         port = log.read_text().split("--port ")[1].split()[0]
         found = subprocess.run(["pgrep", "-f", f"--port {port} "], capture_output=True, text=True).stdout.split()
         assert not found, f"{log.name}: server processes {found} still run"
+
+
+def test_a_running_server_is_swept_by_concurrency_only(tmp_path):
+    srv = ServerProc(DEFAULT_MODEL_DIR, tmp_path / "server.log", nproc=1, extra=["--max-num-seqs", "8"])
+    try:
+        srv.wait_ready()
+        out = tmp_path / "p"
+        sweep = SWEEP[:-4]  # no server flags: the running server keeps its own
+        assert sweep[:2] == ["--batch-sizes", "1,2,4,8"]
+        sweep[1] = "1,2"
+        res = subprocess.run([sys.executable, "-m", "tpserve.profile", "--out", str(out), "--server", srv.http_url,
+                              *sweep], capture_output=True, text=True, cwd=ROOT, timeout=600)
+        assert res.returncode == 0, res.stderr[-3000:]
+        report = json.loads((out / "report.json").read_text())
+        assert [p["batch_size"] for p in report["points"]] == [1, 2]
+        assert not (out / "logs").exists()  # no server of its own
+        op = json.loads((out / "operating_point.json").read_text())
+        assert op["flags"] == {"--max-num-seqs": str(report["chosen"]["batch_size"])}
+        refused = subprocess.run([sys.executable, "-m", "tpserve.profile", "--out", str(tmp_path / "q"), "--server",
+                                  srv.http_url, "--dtype", "float32"], capture_output=True, text=True, cwd=ROOT)
+        assert refused.returncode == 2 and "--dtype float32 would be ignored" in refused.stderr
+    finally:
+        srv.close()

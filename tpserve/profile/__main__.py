@@ -34,7 +34,9 @@ from tpserve.profile.workload import LengthDist, load_dataset, sample_runs, synt
 def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     p = argparse.ArgumentParser(prog="python -m tpserve.profile", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--model", default=None, help="model directory (default: the bundled model)")
+    p.add_argument("--model", default=None,
+                   help="model directory (default: the bundled model); with --server, the served model's directory, "
+                        "whose tokenizer makes the prompts")
     p.add_argument("--tp", type=int, default=1, help="tensor-parallel ranks (torchrun --nproc-per-node)")
     p.add_argument("--server", default=None,
                    help="measure this running server instead (http://HOST:PORT, or a gRPC HOST:PORT without metrics)")
@@ -62,6 +64,8 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
     o.add_argument("--min-tokens-per-user", type=float, default=None, help="tokens/s each user gets (at the p95 TPOT)")
     o.add_argument("--objective", choices=["throughput", "latency"], default="throughput")
     args, server_flags = p.parse_known_args(argv)
+    if args.server and server_flags:
+        p.error(f"with --server the running server keeps its flags; {' '.join(server_flags)} would be ignored")
     return args, server_flags
 
 
@@ -129,7 +133,9 @@ def main(argv=None) -> int:
             best, flat = None, 0
             for index, batch in enumerate(batches):
                 n = max(args.min_requests, args.rounds * batch)
-                flags = [*candidate_flags(cand, batch, model_dir, draft), *server_flags]
+                # A running server keeps its own flags: its operating point is the concurrency to allow.
+                flags = ["--max-num-seqs", str(batch)] if args.server else \
+                    [*candidate_flags(cand, batch, model_dir, draft), *server_flags]
                 flags_of[(cand.name, batch)] = flags
                 done = store.of(cand.name, batch)
                 bar.set_postfix_str(f"{cand.name} batch {batch}")
