@@ -19,7 +19,7 @@ from pathlib import Path
 
 from tpserve.errors import ConfigError
 from tpserve.loadgen import run_load, summarize
-from tpserve.profile.server import PeakSampler, ServerProcess, scrape
+from tpserve.profile.server import PeakSampler, scrape
 
 MIN_GAIN = 0.05  # a larger batch must add this much output throughput over the best so far ...
 PATIENCE = 2  # ... or, after this many such batches in a row, the sweep of a candidate ends
