@@ -62,8 +62,8 @@ def server_flags(point: dict, **override) -> list[str]:
     return out
 
 
-def text_workload(point: dict, report: dict, n: int, seed: int) -> list[tuple[str, int]]:
-    """The profile's synthetic workload as text prompts (both load generators send the same text)."""
+def profile_workload(point: dict, report: dict, n: int, seed: int):
+    """(tokenizer, n requests of the profile's synthetic workload as (token ids, output length))."""
     from transformers import AutoTokenizer
 
     from tpserve.config import ModelConfig
@@ -71,8 +71,14 @@ def text_workload(point: dict, report: dict, n: int, seed: int) -> list[tuple[st
     model = point["flags"]["--model"]
     tok = AutoTokenizer.from_pretrained(model)
     w = report["settings"]["workload"]
-    work = synthetic(n, LengthDist.parse(w["input_len"], "input_len"), LengthDist.parse(w["output_len"], "output_len"),
-                     tok, ModelConfig.from_dir(model).vocab_size, seed)
+    return tok, synthetic(n, LengthDist.parse(w["input_len"], "input_len"),
+                          LengthDist.parse(w["output_len"], "output_len"), tok, ModelConfig.from_dir(model).vocab_size,
+                          seed)
+
+
+def text_workload(point: dict, report: dict, n: int, seed: int) -> list[tuple[str, int]]:
+    """The profile's workload as text prompts (both load generators send the same text)."""
+    tok, work = profile_workload(point, report, n, seed)
     return [(tok.decode(ids), out) for ids, out in work]
 
 
@@ -162,14 +168,7 @@ def overload(args) -> None:
     profiled_goodput = chosen["goodput_req_per_s"]
     rate = args.factor * capacity
     n = int(rate * args.seconds)
-    from transformers import AutoTokenizer
-
-    from tpserve.config import ModelConfig
-
-    model = point["flags"]["--model"]
-    w = report["settings"]["workload"]
-    work = synthetic(n, LengthDist.parse(w["input_len"], "input_len"), LengthDist.parse(w["output_len"], "output_len"),
-                     AutoTokenizer.from_pretrained(model), ModelConfig.from_dir(model).vocab_size, args.seed)
+    _, work = profile_workload(point, report, n, args.seed)
     ttft_ms, tpot_ms = slo.goodput_limits_ms
     rows, raw = [], {}
     out = Path(args.output).with_suffix("")

@@ -83,13 +83,16 @@ async def http_request(client, model: str, prompt: Prompt, max_tokens: int) -> d
     return timing(t0, stamps, time.perf_counter(), n)
 
 
-def wait_ready(target: str, timeout: float = 300) -> None:
-    """Poll gRPC health (HOST:PORT) or GET /health (http:// URL) until the server serves."""
+def wait_ready(target: str, timeout: float = 300, check=None) -> None:
+    """Poll gRPC health (HOST:PORT) or GET /health (http:// URL) until the server serves;
+    check(), if given, runs before every poll (and may raise, say when the server died)."""
     deadline = time.monotonic() + timeout
     if target.startswith("http://"):
         import httpx
 
         while time.monotonic() < deadline:
+            if check is not None:
+                check()
             with contextlib.suppress(httpx.HTTPError):
                 if httpx.get(f"{target}/health", timeout=1).status_code == 200:
                     return
@@ -100,6 +103,8 @@ def wait_ready(target: str, timeout: float = 300) -> None:
 
     stub = health_pb2_grpc.HealthStub(grpc.insecure_channel(target.removeprefix("grpc://")))
     while time.monotonic() < deadline:
+        if check is not None:
+            check()
         try:
             if stub.Check(health_pb2.HealthCheckRequest(service="tpserve.v1.Generation"), timeout=1).status == 1:
                 return

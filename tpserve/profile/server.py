@@ -9,7 +9,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -70,20 +69,18 @@ class ServerProcess:
         return self
 
     def _wait_ready(self) -> None:
-        import httpx
+        from tpserve.loadgen import wait_ready
 
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
+        def alive() -> None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"the server exited with {self.proc.returncode} before serving; "
                                    f"its log ({self.log_path}) ends:\n{self.log_tail()}")
-            try:
-                if httpx.get(self.http + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        raise TimeoutError(f"the server did not serve within {self.ready_timeout_s:g} s; log:\n{self.log_tail()}")
+
+        try:
+            wait_ready(self.http, self.ready_timeout_s, alive)
+        except TimeoutError:
+            raise TimeoutError(f"the server did not serve within {self.ready_timeout_s:g} s; "
+                               f"log:\n{self.log_tail()}") from None
 
     def log_tail(self, n: int = 3000) -> str:
         self._log.flush()

@@ -17,8 +17,10 @@ The prediction has two parts, both in measured seconds:
 - **prefill.** The prompt tokens of every admitted request that has no first token yet, plus the
   new prompt, computed in chunks of at most `max_num_batched_tokens`, at the measured cost.
 
-Step cost is a line, seconds = a + b * tokens computed, fitted by exponentially weighted least
-squares over the engine's steps (`StepCostModel`), so it follows the machine and the batch. Until
+Step cost is a plane, seconds = a + b * tokens + c * sequences per engine iteration, fitted by
+exponentially weighted least squares of relative errors over the engine's steps (`StepCostModel`),
+so it follows the machine and the batch; the prediction is scaled by the learned ratio of real to
+predicted first-token times. Until
 it has seen both small and large steps the controller admits everything (the server calibrates it
 with a few warm-up steps before it reports ready). The prediction must stay under `margin * SLO`
 (default 0.8) to leave room for the error of a point estimate on a p95 target.
@@ -39,8 +41,8 @@ from tpserve.errors import Overloaded
 
 class StepCostModel:
     """seconds ~ a + b * tokens + c * sequences per engine step, over recent steps (least squares
-    of relative errors, exponentially weighted, coefficients kept non-negative). Tokens carry the matmul work, sequences
-    the per-sequence work (attention over each context, sampling, detokenising, emitting)."""
+    of relative errors, exponentially weighted, coefficients kept non-negative). Tokens carry the
+    matmul work, sequences the per-sequence work (attention, sampling, detokenising, emitting)."""
 
     def __init__(self, half_life_steps: float = 256.0) -> None:
         self.decay = 0.5 ** (1.0 / half_life_steps)

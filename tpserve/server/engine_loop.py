@@ -158,8 +158,8 @@ class EngineLoop:
     def calibrate(self, make_sequence, num_steps: int = 16) -> None:
         """Before serving: run warm-up requests through the engine so that admission control has
         measured prefills of three sizes up to the token budget and decode steps of every batch
-        size up to 8 (the requests finish one by one). make_sequence(request_id, prompt_token_ids, max_tokens) builds a Sequence
-        (the request factory); the outputs go nowhere."""
+        size up to 8 (the requests finish one by one). make_sequence(request_id, prompt_token_ids,
+        max_tokens) builds a Sequence (the request factory); the outputs go nowhere."""
         if self.admission is None:
             return
         budget = self.engine.scheduler.config.max_num_batched_tokens
