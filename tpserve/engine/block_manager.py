@@ -20,11 +20,16 @@ from dataclasses import dataclass
 
 import xxhash
 
-from tpserve.engine.sequence import Sequence
+from tpserve.engine.sequence import SMALL, TARGET, Sequence
 
 
-def hash_block(parent: int | None, token_ids) -> int:
-    data = array("q", [-1 if parent is None else parent & 0x7FFF_FFFF_FFFF_FFFF])
+# The root of each model's hash chains: a block holds the K/V of the model that computed it, so
+# the small model's blocks (tpserve.route) never match a target prefix, nor the reverse.
+CHAIN_ROOTS = {TARGET: -1, SMALL: -2}
+
+
+def hash_block(parent: int | None, token_ids, root: int = -1) -> int:
+    data = array("q", [root if parent is None else parent & 0x7FFF_FFFF_FFFF_FFFF])
     data.extend(token_ids)
     return xxhash.xxh3_64_intdigest(data.tobytes())
 
@@ -85,10 +90,12 @@ class BlockManager:
         left to compute, since the step that computes it produces the next token's logits."""
         if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
             return []  # (prompt logprobs need every prompt position computed)
-        hits, parent = [], None
+        route = seq.route  # the router scores the prompt's last tokens: they must be computed
+        tail = route.tail_tokens if route is not None and not route.tail_logprobs else 0
+        hits, parent, root = [], None, CHAIN_ROOTS[seq.model]
         bs = self.block_size
-        for i in range((seq.num_tokens - 1) // bs):
-            h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
+        for i in range(max(0, seq.num_tokens - 1 - tail) // bs):
+            h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs], root)
             block_id = self._cached.get(h)
             if block_id is None:
                 break
@@ -137,8 +144,9 @@ class BlockManager:
             return
         bs = self.block_size
         parent = seq.block_hashes[-1] if seq.block_hashes else None
+        root = CHAIN_ROOTS[seq.model]
         for i in range(seq.num_hashed_blocks, num_final_tokens // bs):
-            h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs])
+            h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs], root)
             block = self.blocks[seq.block_table[i]]
             # The same content computed twice stays registered under the first block only.
             if h not in self._cached:

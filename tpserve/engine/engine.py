@@ -13,16 +13,22 @@ that nothing stays behind.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import time
 
+import torch
+
 from tpserve.engine.block_manager import BlockManager
-from tpserve.engine.outputs import EngineStats, RequestOutput
+from tpserve.engine.outputs import EngineStats, RequestOutput, RouteOutcome, RouteStats
 from tpserve.engine.sampler import Sampler, TokenLogprobs, token_logprobs
+from tpserve.engine.sampling_params import SamplingParams
 from tpserve.engine.scheduler import ScheduledSeq, SchedulerConfig, SchedulerOutput, Scheduler
-from tpserve.engine.sequence import Sequence
-from tpserve.engine.step import StepPlan
+from tpserve.engine.sequence import SMALL, TARGET, Sequence
+from tpserve.engine.step import SeqWork, StepPlan
 from tpserve.errors import InvalidRequest
+from tpserve.route.audit import AuditTotals, audit_result
+from tpserve.route.router import AuditInfo, RouteState
 
 
 class LLMEngine:
@@ -38,7 +44,12 @@ class LLMEngine:
         enable_prefix_caching: bool = True,
         seed: int = 0,
         spec=None,
+        small_runner=None,
+        router=None,
     ) -> None:
+        """small_runner: the small model's ModelRunner on rank 0 (unsharded; its K/V cache is
+        indexed by the same block tables), serving requests routed to it; router: a
+        tpserve.route.Router for `auto` requests and the audit."""
         self.driver = driver
         self.vocab_size = vocab_size
         self.tokenizer = tokenizer
@@ -47,6 +58,12 @@ class LLMEngine:
         self.scheduler = Scheduler(scheduler_config, self.block_manager, self.eos_token_ids, self._on_finish)
         self.sampler = Sampler(self.eos_token_ids, seed)
         self.spec = spec  # SpecDecoder or None
+        self.small_runner = small_runner
+        self.router = router
+        self.audit_totals = None  # tpserve.route.audit.AuditTotals once the router audits
+        self.recent_audits: collections.deque = collections.deque(maxlen=256)  # the latest AuditResults
+        self.num_small_requests = 0
+        self.num_small_generation_tokens = 0
         self._seq_ids = itertools.count()
         self._requests: dict[str, Sequence] = {}  # live requests by request id (for aborts)
         self._aborted: list[Sequence] = []  # finished outside step(); the next step emits them
@@ -60,9 +77,28 @@ class LLMEngine:
         """Engine thread only: start scheduling a sequence made by the request factory."""
         if seq.request_id in self._requests:
             raise InvalidRequest(f"request id {seq.request_id!r} is already in use")
-        self.scheduler.add(seq)
+        self._route_start(seq)
+        self.scheduler.add(seq, background=seq.route is not None and seq.route.policy == "audit")
         seq.seq_id = next(self._seq_ids)
         self._requests[seq.request_id] = seq
+
+    def _route_start(self, seq: Sequence) -> None:
+        """An `auto` request gets its first model from the router (the target without one); a
+        small-served request the audit may sample keeps the small model's prompt-tail scores."""
+        route, router = seq.route, self.router
+        if route is not None and route.policy == "auto":
+            if router is None or router.config.policy is None:
+                seq.route, seq.model = None, TARGET
+            else:
+                route.policy = router.config.policy
+                seq.model = router.start(route, seq.num_prompt_tokens)
+        if seq.model == SMALL:
+            if self.small_runner is None:
+                raise InvalidRequest("this server has no small model (start it with --small-model DIR)")
+            if seq.route is None and router is not None and router.config.audit_rate > 0:
+                seq.route = RouteState(None)
+            if seq.route is not None and router is not None and router.config.audit_rate > 0:
+                seq.route.tail_tokens = seq.route.tail_tokens or router.config.tail_tokens
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its blocks. False if it is unknown or already finished."""
@@ -85,27 +121,92 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         """One engine step: schedule -> execute -> update -> emit."""
         started = time.perf_counter()
-        lookahead = self.spec.plan_step(self.scheduler.running) if self.spec is not None else 0
-        batch = self.scheduler.schedule(lookahead)
+        batch = self.scheduler.schedule(self._lookahead())
         self.kv_blocks_in_use_peak = max(self.kv_blocks_in_use_peak, self.block_manager.num_in_use_blocks)
         updated = []
+        target = batch
         if batch.scheduled:
+            small = [item for item in batch.scheduled if item.seq.model == SMALL]
+            if small:  # target rows first, then the small model's: the logits come in that order
+                target = SchedulerOutput([item for item in batch.scheduled if item.seq.model != SMALL])
+                batch.scheduled = target.scheduled + small
             if self.spec is not None:
-                self.spec.propose(batch)
-            logits = self.driver.step(self.scheduler.plan(batch))
+                self.spec.propose(target)
+            # The target's plan goes out even when empty: workers learn which tables to drop and
+            # keep hearing from rank 0 while only the small model runs.
+            logits = self.driver.step(self.scheduler.plan(target))
+            if small:
+                small_logits = self._run_small(small)
+                logits = small_logits if logits is None else torch.cat([logits, small_logits])
             self.num_steps += 1
             self.last_step_num_tokens = batch.num_tokens
             self.last_step_num_seqs = len(batch.scheduled)
             self._sample(batch, logits)
+            to_target = self._route_before_update(small) if small else []
             updated = self.scheduler.update(batch, time.monotonic())
             if self.spec is not None:
-                self.spec.after_update(batch)
+                self.spec.after_update(target)
+            if small:
+                self._route_after_update(small, to_target)
         elif self.scheduler.num_tables_to_drop:
             self.driver.step(StepPlan(finished=self.scheduler.take_tables_to_drop()))
         outputs = self._emit(updated)
-        if self.spec is not None and batch.scheduled:
-            self.spec.record_step(batch, time.perf_counter() - started)
+        if self.spec is not None and target.scheduled:
+            self.spec.record_step(target, time.perf_counter() - started)
         return outputs
+
+    def _lookahead(self):
+        """Speculation's lookahead per sequence; small-served sequences never speculate."""
+        if self.spec is None:
+            return 0
+        if self.small_runner is None:
+            return self.spec.plan_step(self.scheduler.running)
+        lookahead = self.spec.plan_step([s for s in self.scheduler.running if s.model != SMALL])
+        return lambda seq: 0 if seq.model == SMALL else lookahead(seq)
+
+    def _run_small(self, items: list[ScheduledSeq]) -> torch.Tensor:
+        """The small model's forward on rank 0 over its sequences' new tokens. Every pass sends
+        whole block tables, which its runner forgets afterwards (it may also be the draft)."""
+        works = []
+        for item in items:
+            seq = item.seq
+            start = seq.num_computed_tokens
+            rows = item.num_logit_rows
+            works.append(SeqWork(seq.seq_id, seq.token_ids[start : start + item.num_new_tokens], start,
+                                 block_table=list(seq.block_table), sample=rows > 0, num_logits=rows))
+        logits = self.small_runner.execute(StepPlan(works))
+        self.small_runner.forget_block_tables()
+        if logits is None:  # no row sampled
+            logits = torch.empty(0, self.vocab_size)
+        return logits
+
+    def _route_before_update(self, items: list[ScheduledSeq]) -> list[Sequence]:
+        """After sampling the small model's rows: keep the raw log-probabilities routing needs; a
+        `confidence` request the router sends to the target loses the token the small model just
+        sampled (the target serves it whole). Returns those sequences."""
+        to_target = []
+        for item in items:
+            route = item.seq.route
+            if route is None or not item.tokens:
+                continue
+            if self.router is not None and self.router.after_prefill(route) == TARGET:
+                item.tokens, item.logprobs = (), ()
+                to_target.append(item.seq)
+        return to_target
+
+    def _route_after_update(self, items: list[ScheduledSeq], to_target: list[Sequence]) -> None:
+        for item in items:
+            seq = item.seq
+            route = seq.route
+            if seq in to_target:
+                route.handed_over = True
+                self.scheduler.hand_over(seq, TARGET)
+                continue
+            if route is None or not item.tokens or self.router is None:
+                continue
+            if self.router.after_tokens(route, seq.is_finished) == TARGET and not seq.is_finished:
+                route.handed_over = True
+                self.scheduler.hand_over(seq, TARGET)
 
     def _sample(self, batch: SchedulerOutput, logits) -> None:
         """Set each sampling item's tokens: one for a plain sequence; for a speculating one, its
@@ -116,6 +217,8 @@ class LLMEngine:
             start, row = row, row + item.num_logit_rows  # a view is made only where rows are read
             if item.scores_prompt:
                 item.prompt_logprobs = score_prompt(item, logits[start:row])
+            if item.num_tail_rows:
+                item.seq.route.tail_logprobs = score_tail(item, logits[start : row - 1])
             if not item.samples or item.seq.params.max_tokens == 0:
                 continue
             if item.proposal is None:
@@ -127,6 +230,12 @@ class LLMEngine:
             tokens, lps = self.sampler.sample(logits[plain_rows], [item.seq for item in plain])
             for item, token, lp in zip(plain, tokens, lps):
                 item.tokens, item.logprobs = [token], [lp]
+            routed = [(i, item) for i, item in enumerate(plain) if item.seq.model == SMALL and item.seq.route is not None]
+            if routed:  # the small model's raw log-probability of each token it emits
+                rows = logits[[plain_rows[i] for i, _ in routed]].log_softmax(dim=-1)
+                chosen = rows.gather(-1, torch.tensor([[tokens[i]] for i, _ in routed])).squeeze(-1).tolist()
+                for (_, item), lp in zip(routed, chosen):
+                    item.seq.route.output_logprobs.append(lp)
         if speculating:
             self.spec.verify(speculating, self.sampler)
 
@@ -134,7 +243,15 @@ class LLMEngine:
         """Each updated request's new output, aborted ones first; a finished request leaves the
         engine here."""
         seqs, self._aborted = self._aborted + updated, []
-        return [self._output(seq) for seq in seqs]
+        outputs = []
+        for seq in seqs:
+            if seq.route is not None and seq.route.policy == "audit":  # internal: never emitted
+                if seq.is_finished:
+                    del self._requests[seq.request_id]
+                    self._finish_audit(seq)
+                continue
+            outputs.append(self._output(seq))
+        return outputs
 
     def _output(self, seq: Sequence) -> RequestOutput:
         num_prompt, num_output, finished = seq.num_prompt_tokens, seq.num_output_tokens, seq.is_finished
@@ -150,12 +267,50 @@ class LLMEngine:
                 and len(seq.prompt_logprobs) == num_prompt - 1:
             out.prompt_logprobs = [None, *seq.prompt_logprobs]  # the first prompt token has none
             seq.prompt_logprobs_sent = True
+        out.model = seq.model
         if finished:
             del self._requests[seq.request_id]
             out.times = seq.times
             if self.spec is not None:
                 out.speculation = self.spec.request_stats(seq)
+            route = seq.route
+            if route is not None and route.policy is not None:
+                out.route = RouteOutcome(route.policy, route.score, route.threshold, route.handed_over)
+            if seq.model == SMALL:
+                self.num_small_requests += 1
+                self.num_small_generation_tokens += num_output
+                if route is not None and seq.finish_reason != "abort" and self.router is not None \
+                        and self.router.audits():
+                    self._start_audit(seq)
         return out
+
+    # --- the routing audit --------------------------------------------------------------------
+    def _start_audit(self, seq: Sequence) -> None:
+        """Queue the target's teacher-forced scoring of a small-served request's prompt + output,
+        in the background (admitted only while nothing waits). Its result feeds `audit_totals`."""
+        route = seq.route
+        num_out = min(len(route.output_logprobs), seq.num_output_tokens)
+        ids = seq.token_ids[: seq.num_prompt_tokens + num_out]
+        if len(ids) < 2 or seq.num_tokens > self.scheduler.config.max_model_len:
+            return
+        audit = Sequence(-1, f"audit-{seq.request_id}", ids, SamplingParams(max_tokens=0, prompt_logprobs=1))
+        audit.route = RouteState("audit", audit=AuditInfo(seq.request_id, seq.num_prompt_tokens,
+                                                          list(route.tail_logprobs), route.output_logprobs[:num_out]))
+        try:
+            self.add_sequence(audit)
+        except InvalidRequest:  # the id is in use or it cannot fit: skip this audit
+            return
+
+    def _finish_audit(self, seq: Sequence) -> None:
+        if seq.finish_reason == "abort" or seq.prompt_logprobs is None:
+            return
+        tok = self.tokenizer
+        bytes_of = (lambda ids: len(tok.decode(ids).encode())) if tok is not None else len
+        result = audit_result(seq.route.audit, seq.token_ids, seq.prompt_logprobs, bytes_of)
+        if self.audit_totals is None:
+            self.audit_totals = AuditTotals()
+        self.audit_totals.add(result)
+        self.recent_audits.append(result)
 
     def _on_finish(self, seq: Sequence) -> None:
         """Run by Scheduler.finish, the one way a request ends."""
@@ -176,6 +331,18 @@ class LLMEngine:
             spec_num_drafts=self.spec.totals.num_spec_steps if self.spec is not None else 0,
             spec_accepted_by_position=tuple(self.spec.totals.accepted_by_position) if self.spec is not None else (),
             last_step_num_tokens=self.last_step_num_tokens, kv_blocks_in_use_peak=self.kv_blocks_in_use_peak,
+            routing=self.route_stats() if self.small_runner is not None else None,
+        )
+
+    def route_stats(self) -> RouteStats:
+        r = self.router
+        return RouteStats(
+            policy=r.config.policy if r is not None else None,
+            threshold=r.threshold if r is not None and r.config.policy is not None else None,
+            num_auto=r.num_auto if r is not None else 0, num_to_small=r.num_to_small if r is not None else 0,
+            num_to_target=r.num_to_target if r is not None else 0, num_handovers=self.scheduler.num_handovers,
+            small_requests=self.num_small_requests, small_generation_tokens=self.num_small_generation_tokens,
+            audit=self.audit_totals.summary() if self.audit_totals is not None else {},
         )
 
     def leftovers(self) -> dict[str, int]:
@@ -185,12 +352,14 @@ class LLMEngine:
         held = {
             "requests": len(self._requests),
             "waiting": len(self.scheduler.waiting),
+            "background": len(self.scheduler.background),
             "running": len(self.scheduler.running),
             "kv_blocks_in_use": self.block_manager.num_in_use_blocks,
             "worker_block_tables": len(self.driver.runner.block_tables),
             "tables_to_drop": self.scheduler.num_tables_to_drop,
             "outputs_to_emit": len(self._aborted),
             **(self.spec.leftovers() if self.spec is not None else {}),
+            "small_block_tables": len(self.small_runner.block_tables) if self.small_runner is not None else 0,
         }
         return {kind: n for kind, n in held.items() if n}
 
@@ -209,3 +378,13 @@ def score_prompt(item: ScheduledSeq, rows) -> list[TokenLogprobs]:
     first, end = len(seq.prompt_logprobs), min(start + item.num_new_tokens, seq.num_prompt_tokens - 1)
     targets = seq.token_ids[first + 1 : end + 1]
     return token_logprobs(rows[first - start : end - start], targets, [seq.params.prompt_logprobs] * len(targets))
+
+
+def score_tail(item: ScheduledSeq, rows) -> list[float]:
+    """Raw log-probabilities of the prompt's last `num_tail_rows` tokens, from the rows before a
+    prefill's sampling row: the row at position p scores token p + 1."""
+    seq = item.seq
+    end = seq.num_computed_tokens + item.num_new_tokens
+    targets = seq.token_ids[end - item.num_tail_rows : end]
+    logp = rows.log_softmax(dim=-1)
+    return logp.gather(-1, torch.tensor(targets, dtype=torch.long, device=logp.device).unsqueeze(-1)).squeeze(-1).tolist()

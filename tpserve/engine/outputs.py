@@ -28,6 +28,33 @@ class RequestOutput:
     times: RequestTimes | None = None
     speculation: SpecStats | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # once, when the prompt has been scored
+    model: str = "target"  # the model that served the request: "target" or "small" (tpserve.route)
+    route: RouteOutcome | None = None  # an `auto` request's routing, on its last output
+
+
+@dataclass(frozen=True)
+class RouteOutcome:
+    """How the router served an `auto` request."""
+
+    policy: str
+    score: float | None
+    threshold: float | None
+    handed_over: bool  # started on the small model, finished on the target
+
+
+@dataclass(frozen=True)
+class RouteStats:
+    """Routing totals since start-up."""
+
+    policy: str | None
+    threshold: float | None
+    num_auto: int
+    num_to_small: int
+    num_to_target: int
+    num_handovers: int
+    small_requests: int  # requests the small model finished, whatever asked for it
+    small_generation_tokens: int
+    audit: dict  # tpserve.route.audit.AuditTotals.summary()
 
 
 @dataclass(frozen=True)
@@ -53,3 +80,4 @@ class EngineStats:
     spec_accepted_by_position: tuple[int, ...] = ()
     last_step_num_tokens: int = 0  # tokens the latest step computed
     kv_blocks_in_use_peak: int = 0  # the most KV blocks in use at once since start
+    routing: RouteStats | None = None  # with a small model

@@ -73,6 +73,7 @@ class ScheduledSeq:
     samples: bool = field(init=False)  # the step reaches the end of the sequence's known tokens
     decoding: bool = field(init=False)  # ... and samples a decoding sequence's next token
     scores_prompt: bool = field(init=False)  # logits at every position of this prompt chunk
+    num_tail_rows: int = field(init=False)  # prompt positions before the first sample the router scores
     proposal: Any = None  # spec_decode.Proposal, set before the forward
     tokens: list[int] | tuple = ()  # accepted proposals + one sampled token (a list once sampled)
     logprobs: list | tuple = ()
@@ -85,6 +86,10 @@ class ScheduledSeq:
         self.decoding = self.samples and seq.is_decoding
         self.scores_prompt = (seq.prompt_logprobs is not None
                               and len(seq.prompt_logprobs) < min(end, seq.num_prompt_tokens - 1))
+        route = seq.route
+        wants_tail = (self.samples and not self.scores_prompt and not seq.is_decoding and route is not None
+                      and route.tail_tokens > 0 and not route.tail_logprobs)
+        self.num_tail_rows = min(route.tail_tokens, self.num_new_tokens - 1) if wants_tail else 0
 
     @property
     def num_logit_rows(self) -> int:
@@ -94,7 +99,7 @@ class ScheduledSeq:
             return self.num_new_tokens
         if not self.samples:
             return 0
-        return 1 + (len(self.proposal.tokens) if self.proposal is not None else 0)
+        return 1 + self.num_tail_rows + (len(self.proposal.tokens) if self.proposal is not None else 0)
 
 
 @dataclass
@@ -116,8 +121,10 @@ class Scheduler:
         self.eos_token_ids = tuple(eos_token_ids)
         self.on_finish = on_finish
         self.waiting: deque[Sequence] = deque()
+        self.background: deque[Sequence] = deque()  # admitted only when nothing waits
         self.running: list[Sequence] = []
         self.num_preemptions = 0
+        self.num_handovers = 0  # sequences moved from one model to the other (tpserve.route)
         self.num_prompt_tokens = 0  # running totals: prompts computed, tokens generated
         self.num_generation_tokens = 0
         self._tables_to_drop: list[int] = []  # seq ids whose worker tables the next plan drops
@@ -126,13 +133,14 @@ class Scheduler:
         bm = self.block_manager
         check_feasible(seq, self.config.max_model_len, bm.num_blocks, bm.block_size)
 
-    def add(self, seq: Sequence) -> None:
+    def add(self, seq: Sequence, background: bool = False) -> None:
+        """Queue a sequence; a background one is admitted only while no other sequence waits."""
         self.check_feasible(seq)
         seq.status = SeqStatus.WAITING
-        self.waiting.append(seq)
+        (self.background if background else self.waiting).append(seq)
 
     def has_work(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.waiting or self.running or self.background)
 
     # --- planning a step ----------------------------------------------------------------------
     def schedule(self, num_lookahead: int | Callable[[Sequence], int] = 0) -> SchedulerOutput:
@@ -160,12 +168,19 @@ class Scheduler:
                 i += 1
                 continue
             break
-        # New admissions only when nothing was preempted this step: blocks are scarce.
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
-            seq = self.waiting[0]
+        # New admissions only when nothing was preempted this step: blocks are scarce. Background
+        # work (the router's quality audits) only when no request waits.
+        queue = self.waiting
+        while budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+            if not queue:
+                if queue is self.background or self.waiting:
+                    break
+                queue = self.background
+                continue
+            seq = queue[0]
             if not bm.admit(seq, budget):
                 break
-            self.waiting.popleft()
+            queue.popleft()
             num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             seq.status = SeqStatus.RUNNING
             if seq.times.first_scheduled is None:
@@ -279,6 +294,8 @@ class Scheduler:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        elif seq in self.background:
+            self.background.remove(seq)
         self._release(seq)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
@@ -287,12 +304,26 @@ class Scheduler:
             self.on_finish(seq)
 
     def _preempt(self, seq: Sequence) -> None:
-        self._release(seq)
-        seq.num_computed_tokens = 0
-        seq.num_cached_tokens = 0
+        self._requeue(seq)
         seq.num_preemptions += 1
         seq.times.preemptions.append(time.monotonic())
         self.num_preemptions += 1
+
+    def hand_over(self, seq: Sequence, model: str) -> None:
+        """Move a running sequence to the other model: the K/V it holds belongs to the model that
+        computed it, so its blocks go (into that model's prefix cache) and the new model computes
+        the whole context, prefix-cache hits of its own first, from the head of the queue. Its
+        tokens are kept."""
+        assert seq.status is SeqStatus.RUNNING, f"sequence {seq.seq_id} is not running"
+        self.running.remove(seq)
+        self._requeue(seq)
+        seq.model = model
+        self.num_handovers += 1
+
+    def _requeue(self, seq: Sequence) -> None:
+        self._release(seq)
+        seq.num_computed_tokens = 0
+        seq.num_cached_tokens = 0
         seq.status = SeqStatus.WAITING
         self.waiting.appendleft(seq)
 

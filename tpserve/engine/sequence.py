@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from tpserve.engine.sampling_params import SamplingParams
+from tpserve.route.router import SMALL, TARGET  # Sequence.model: the model that computes its K/V and tokens
 
 if TYPE_CHECKING:
     from tpserve.engine.detokenizer import IncrementalDetokenizer
@@ -100,6 +101,8 @@ class Sequence:
     detokenizer: IncrementalDetokenizer | None = None
     generator: Any = None  # a seeded request's own torch.Generator, made by the sampler at first use
     spec: SpecState | None = None  # speculative decoding's state of this sequence
+    model: str = TARGET  # TARGET, or SMALL: served by the small model on rank 0 (tpserve.route)
+    route: Any = None  # tpserve.route.RouteState: the router's state of an `auto` request, or an audit's
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -38,6 +38,16 @@ class EngineArgs:
     num_speculative_tokens: int = 4
     spec_policy: str = "adaptive"  # adaptive | fixed
     ngram_max: int = 4
+    small_model: str | None = None
+    route_policy: str | None = None
+    route_small_fraction: float = 0.5
+    route_threshold: float | None = None
+    route_calibration: str | None = None
+    route_quantile: float = 0.1
+    route_tail_tokens: int = 64
+    route_cascade_tokens: int = 8
+    route_window: int = 1000
+    route_audit_rate: float = 0.0
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -64,6 +74,26 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--spec-policy", choices=["adaptive", "fixed"], default="adaptive",
                    help="adaptive: choose k per step (down to 0) from the throughput measured for each k at this batch size")
     s.add_argument("--ngram-max", type=int, default=4, help="longest n-gram the prompt-lookup proposer matches")
+    r = parser.add_argument_group("routing to a small model")
+    r.add_argument("--small-model", default=None,
+                   help="a smaller model (same vocabulary) that serves whole requests on rank 0 (default with "
+                        "--route-policy: the bundled draft, when serving the bundled target)")
+    r.add_argument("--route-policy", choices=["random", "length", "confidence", "cascade"], default=None,
+                   help="how `auto` requests choose a model (without it, `auto` means the target)")
+    r.add_argument("--route-small-fraction", type=float, default=0.5,
+                   help="fraction of `auto` traffic to send to the small model (tracked over recent requests)")
+    r.add_argument("--route-threshold", type=float, default=None,
+                   help="a fixed score threshold instead of --route-small-fraction")
+    r.add_argument("--route-calibration", default=None,
+                   help="score quantiles from `python -m tpserve.route calibrate` (the tracker's starting point)")
+    r.add_argument("--route-quantile", type=float, default=0.1,
+                   help="quantile of token log-probabilities a confidence or cascade score takes")
+    r.add_argument("--route-tail-tokens", type=int, default=64, help="prompt tokens the confidence policy scores")
+    r.add_argument("--route-cascade-tokens", type=int, default=8,
+                   help="tokens the small model generates before the cascade decides")
+    r.add_argument("--route-window", type=int, default=1000, help="recent scores the fraction is tracked over")
+    r.add_argument("--route-audit-rate", type=float, default=0.0,
+                   help="fraction of small-served requests the target scores again (the online quality audit)")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -78,6 +108,10 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         speculative_method=ns.speculative_method or ("draft" if ns.draft_model else "none"),
         draft_model=ns.draft_model, num_speculative_tokens=ns.num_speculative_tokens,
         spec_policy=ns.spec_policy, ngram_max=ns.ngram_max,
+        small_model=ns.small_model, route_policy=ns.route_policy, route_small_fraction=ns.route_small_fraction,
+        route_threshold=ns.route_threshold, route_calibration=ns.route_calibration, route_quantile=ns.route_quantile,
+        route_tail_tokens=ns.route_tail_tokens, route_cascade_tokens=ns.route_cascade_tokens,
+        route_window=ns.route_window, route_audit_rate=ns.route_audit_rate,
     )
 
 
@@ -114,8 +148,51 @@ def build_runtime(args: EngineArgs, tp: TPGroup) -> tuple[ModelRunner, LLMEngine
         tokenizer=load_tokenizer(args.model), eos_token_ids=read_eos_token_ids(args.model, model_config),
         enable_prefix_caching=args.enable_prefix_caching, seed=args.seed,
     )
+    small_dir = resolve_small_dir(args)
+    if small_dir is not None:
+        engine.small_runner = small_model_runner(small_dir, args, model_config, runner)
+        engine.router = build_router(args)
     engine.spec = build_spec_decoder(args, model_config, runner, engine, max_model_len)
     return runner, engine
+
+
+def resolve_small_dir(args: EngineArgs) -> str | None:
+    """The small model's directory: --small-model, or with a routing policy and the bundled
+    target, the bundled draft; None without either."""
+    from tpserve.bundled import DEFAULT_DRAFT_DIR, DEFAULT_MODEL_DIR
+
+    if args.small_model:
+        return args.small_model
+    if args.route_policy is None and not args.route_audit_rate:
+        return None
+    if Path(args.model).resolve() == Path(DEFAULT_MODEL_DIR).resolve():
+        return str(DEFAULT_DRAFT_DIR)
+    raise ConfigError("--route-policy needs --small-model DIR (only the bundled target has a default small model)")
+
+
+def small_model_runner(model_dir: str, args: EngineArgs, model_config: ModelConfig, runner: ModelRunner) -> ModelRunner:
+    """An unsharded runner on rank 0 whose K/V cache has the target's block count and size, so
+    that the target's block tables index it (the draft model's runner is one)."""
+    cfg = ModelConfig.from_dir(model_dir, args.dtype if args.dtype != "auto" else model_config.dtype)
+    if cfg.vocab_size != model_config.vocab_size:
+        raise ConfigError(
+            f"model {model_dir} has vocab_size={cfg.vocab_size} but the target has {model_config.vocab_size}; "
+            f"it must share the target's vocabulary"
+        )
+    cache = CacheConfig(block_size=runner.block_size, num_blocks=runner.num_blocks)
+    return ModelRunner(cfg, cache, TPGroup(device=runner.device), model_dir,
+                       max_num_batched_tokens=args.max_num_batched_tokens)
+
+
+def build_router(args: EngineArgs):
+    from tpserve.route.router import RouteConfig, Router, load_calibration
+
+    config = RouteConfig(policy=args.route_policy, small_fraction=args.route_small_fraction,
+                         threshold=args.route_threshold, aggregate_quantile=args.route_quantile,
+                         tail_tokens=args.route_tail_tokens, cascade_tokens=args.route_cascade_tokens,
+                         window=args.route_window, audit_rate=args.route_audit_rate, seed=args.seed)
+    calibration = load_calibration(args.route_calibration) if args.route_calibration else None
+    return Router(config, calibration)
 
 
 def resolve_draft_dir(args: EngineArgs) -> str:
@@ -150,9 +227,12 @@ def build_spec_decoder(args: EngineArgs, model_config: ModelConfig, runner: Mode
                 f"{model_config.vocab_size}; the draft must share the target's vocabulary"
             )
         # The draft is not sharded: it lives on rank 0 only and shares the target's block tables.
-        draft_cache = CacheConfig(block_size=runner.block_size, num_blocks=runner.num_blocks)
-        draft_runner = ModelRunner(draft_config, draft_cache, TPGroup(device=runner.device), draft_dir,
-                                   max_num_batched_tokens=args.max_num_batched_tokens)
+        # When it is also the small model, the one copy serves both.
+        small = engine.small_runner
+        if small is not None and Path(resolve_small_dir(args)).resolve() == Path(draft_dir).resolve():
+            draft_runner = small
+        else:
+            draft_runner = small_model_runner(draft_dir, args, model_config, runner)
         proposer = DraftProposer(draft_runner, engine.eos_token_ids, engine.sampler.generator_for)
     controller = SpecController(args.num_speculative_tokens, adaptive=args.spec_policy == "adaptive",
                                 free_proposals=proposer.free_proposals)

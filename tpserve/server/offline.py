@@ -12,11 +12,11 @@ from tpserve.server.requests import RequestFactory
 _batches = itertools.count()
 
 
-def generate(engine, prompts: list, params: SamplingParams | list[SamplingParams] | None = None
-             ) -> list[CompletedRequest]:
+def generate(engine, prompts: list, params: SamplingParams | list[SamplingParams] | None = None,
+             model: str = "target") -> list[CompletedRequest]:
     """Prompts (text or token-id lists) -> their results, in input order. Every request is
     validated before any is queued, so a bad one (InvalidRequest naming the value and the limit)
-    runs none. Other requests live on the engine keep their place (their outputs are not collected
+    runs none. model: "target", "small" or "auto" (tpserve.route). Other requests live on the engine keep their place (their outputs are not collected
 here); when there are none, the engine is left with nothing of these requests, worker tables
 included."""
     params_list = params if isinstance(params, list) else [params or SamplingParams()] * len(prompts)
@@ -25,7 +25,7 @@ included."""
     seqs = []
     for i, (prompt, p) in enumerate(zip(prompts, params_list)):
         text = prompt if isinstance(prompt, str) else None
-        seqs.append(factory.make(f"gen-{batch}-{i}", text, None if text is not None else prompt, p))
+        seqs.append(factory.make(f"gen-{batch}-{i}", text, None if text is not None else prompt, p, model))
     results = {}
     for seq in seqs:
         engine.add_sequence(seq)

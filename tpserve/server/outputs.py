@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tpserve.engine.outputs import RequestOutput
+from tpserve.engine.outputs import RequestOutput, RouteOutcome
 from tpserve.engine.sampler import TokenLogprobs
 from tpserve.engine.sequence import RequestTimes
 from tpserve.engine.spec_decode.state import SpecStats
@@ -29,6 +29,8 @@ class CompletedRequest:
     times: RequestTimes | None = None
     speculation: SpecStats | None = None
     prompt_logprobs: list[TokenLogprobs | None] | None = None
+    model: str = "target"  # the model that served it: "target" or "small"
+    route: RouteOutcome | None = None  # an `auto` request's routing
 
     @property
     def finished(self) -> bool:
@@ -55,4 +57,6 @@ class OutputAccumulator:
             r.time_to_first_token = out.time_to_first_token
             r.times = out.times
             r.speculation = out.speculation
+            r.model = out.model
+            r.route = out.route
         return r

@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from tpserve.engine.detokenizer import IncrementalDetokenizer
 from tpserve.engine.sampling_params import SamplingError, SamplingParams
 from tpserve.engine.scheduler import RequestRejected, check_feasible
-from tpserve.engine.sequence import Sequence
+from tpserve.engine.sequence import SMALL, TARGET, Sequence
+from tpserve.route.router import RouteState
 
 
 @dataclass(frozen=True)
@@ -39,15 +40,22 @@ class RequestFactory:
         return cls(limits, engine.tokenizer)
 
     def make(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-             params: SamplingParams | None = None) -> Sequence:
+             params: SamplingParams | None = None, model: str = TARGET) -> Sequence:
         """A validated sequence, with its detokeniser when the model has a tokenizer. Raises
-        RequestRejected / SamplingError (both InvalidRequest) naming the value and the limit."""
+        RequestRejected / SamplingError (both InvalidRequest) naming the value and the limit.
+        model: TARGET, SMALL, or "auto" (the engine's router chooses)."""
         params = params or SamplingParams()
         ids = self.prompt_ids(prompt, prompt_token_ids)
         params.validate(self.limits.vocab_size)
         if params.stop and self.tokenizer is None:
             raise SamplingError("stop strings need a tokenizer; this model directory has none")
         seq = Sequence(-1, request_id, ids, params)
+        if model == "auto":
+            seq.route = RouteState("auto")
+        elif model in (TARGET, SMALL):
+            seq.model = model
+        else:
+            raise ValueError(f"model must be {TARGET!r}, {SMALL!r} or 'auto', not {model!r}")
         lim = self.limits
         check_feasible(seq, lim.max_model_len, lim.num_kv_blocks, lim.block_size)
         if self.tokenizer is not None:
