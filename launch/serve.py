@@ -39,6 +39,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chat-template", default=None, help="Jinja chat template file (default: the tokenizer's)")
     p.add_argument("--no-metrics", dest="metrics", action="store_false", help="no Prometheus metrics")
     p.add_argument("--served-model-name", default=None, help="default: the model directory's name")
+    p.add_argument("--small-model-name", default=None,
+                   help="the name requests give to choose the small model (default: its directory's name)")
     p.add_argument("--max-queued-requests", type=int, default=1024, help="waiting requests before RESOURCE_EXHAUSTED")
     p.add_argument("--max-message-bytes", type=int, default=16 * 2**20, help="largest gRPC message accepted")
     p.add_argument("--shutdown-timeout", type=float, default=25.0,
@@ -88,6 +90,17 @@ def operating_point_defaults(parser: argparse.ArgumentParser, path: str) -> dict
     return defaults
 
 
+def small_model_name(args, engine_args, served_model_name: str) -> str:
+    from tpserve.engine.setup import resolve_small_dir
+    from tpserve.route.router import AUTO
+
+    name = args.small_model_name or Path(resolve_small_dir(engine_args)).name
+    if name in (served_model_name, AUTO):
+        raise ConfigError(f"the small model's name {name!r} must differ from the target's ({served_model_name!r}) "
+                          f"and from {AUTO!r}; pass --small-model-name")
+    return name
+
+
 def serve_rank0(args, tp) -> int:
     from tpserve.server.app import FrontEnd
     from tpserve.server.core import ServingCore
@@ -127,7 +140,10 @@ def serve_rank0(args, tp) -> int:
                                         args.slo_ttft_margin)
     loop = EngineLoop(engine, args.max_queued_requests, on_step=metrics.observe_step if metrics else None,
                       admission=admission)
-    state.attach(engine, loop, ModelInfo.describe(state.served_model_name, runner.model_config, engine, tp.tp_size))
+    if engine.small_runner is not None:
+        state.small_model_name = small_model_name(args, engine_args, state.served_model_name)
+    state.attach(engine, loop, ModelInfo.describe(state.served_model_name, runner.model_config, engine, tp.tp_size,
+                                                  state.small_model_name or ""))
     if admission is not None:
         loop.calibrate(lambda rid, ids, n: state.requests.make(rid, prompt_token_ids=ids,
                                                                params=SamplingParams(max_tokens=n, ignore_eos=True)))

@@ -11,6 +11,8 @@ lifecycle timestamps travel with it); the loop itself only observes each step's 
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Callable
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -154,3 +156,39 @@ class _EngineCollector:
         for position, value in enumerate(s.spec_accepted_by_position):
             by_position.add_metric([self.model_name, str(position)], value)
         yield by_position
+        if s.routing is not None:
+            yield from self._routing(s.routing)
+
+    def _routing(self, r):
+        """Routing to the small model (tpserve.route): decisions, hand-overs, the audit."""
+        m, labels = [self.model_name], ["model_name"]
+        decisions = CounterMetricFamily(PREFIX + "route_decisions", "`auto` requests the router decided, by the "
+                                        "model it chose (small / target).", labels=[*labels, "routed_to"])
+        decisions.add_metric([*m, "small"], r.num_to_small)
+        decisions.add_metric([*m, "target"], r.num_to_target)
+        yield decisions
+        audit = r.audit or {}
+        counters = (("route_handovers", "Requests moved from the small model to the target.", r.num_handovers),
+                    ("route_small_requests", "Requests the small model served to the end.", r.small_requests),
+                    ("route_small_generation_tokens", "Tokens of requests the small model served.",
+                     r.small_generation_tokens),
+                    ("route_audits", "Small-served requests the target scored again.", audit.get("num_audits", 0)))
+        for name, doc, value in counters:
+            c = CounterMetricFamily(PREFIX + name, doc, labels=labels)
+            c.add_metric(m, value)
+            yield c
+        gauges = [("route_audit_quality_gap", "Audit: (small - target) / target bits on the prompts' last tokens "
+                   "of small-served requests: the relative quality routing gives up.", audit.get("quality_gap")),
+                  ("route_audit_small_bits_per_byte", "Audit: the small model's bits per byte on those tokens.",
+                   audit.get("small_bits_per_byte")),
+                  ("route_audit_target_bits_per_byte", "Audit: the target's bits per byte on those tokens.",
+                   audit.get("target_bits_per_byte")),
+                  ("route_audit_output_greedy_agreement", "Audit: fraction of the small model's output tokens "
+                   "that are the target's most likely token.", audit.get("output_greedy_agreement"))]
+        if r.threshold is not None and math.isfinite(r.threshold):
+            gauges.append(("route_threshold", "The router's current score threshold.", r.threshold))
+        for name, doc, value in gauges:
+            if value is not None:
+                g = GaugeMetricFamily(PREFIX + name, doc, labels=labels)
+                g.add_metric(m, value)
+                yield g

@@ -28,7 +28,7 @@ from tpserve.engine.sequence import SMALL, TARGET, Sequence
 from tpserve.engine.step import SeqWork, StepPlan
 from tpserve.errors import InvalidRequest
 from tpserve.route.audit import AuditTotals, audit_result
-from tpserve.route.router import AuditInfo, RouteState
+from tpserve.route.router import AUTO, AuditInfo, RouteState
 
 
 class LLMEngine:
@@ -86,7 +86,7 @@ class LLMEngine:
         """An `auto` request gets its first model from the router (the target without one); a
         small-served request the audit may sample keeps the small model's prompt-tail scores."""
         route, router = seq.route, self.router
-        if route is not None and route.policy == "auto":
+        if route is not None and route.policy == AUTO:
             if router is None or router.config.policy is None:
                 seq.route, seq.model = None, TARGET
             else:

@@ -32,6 +32,7 @@ from tpserve.errors import ConfigError
 POLICIES = ("random", "length", "confidence", "cascade")
 TARGET = "target"  # the models a request can be served by (Sequence.model)
 SMALL = "small"
+AUTO = "auto"  # the name a request gives to let the router choose
 
 
 def quantile(values: list[float], q: float) -> float:
@@ -108,6 +109,9 @@ class ScoreTracker:
         self.window = window
         self._order: deque[float] = deque()
         self._sorted: list[float] = []
+        seed_scores = list(seed_scores)
+        if len(seed_scores) > window:  # keep the distribution, not its last values
+            seed_scores = [seed_scores[round(i * (len(seed_scores) - 1) / (window - 1))] for i in range(window)]
         for s in seed_scores:
             self.add(s)
 

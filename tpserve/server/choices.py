@@ -30,10 +30,12 @@ def sample_params(params: SamplingParams, j: int) -> SamplingParams:
 
 class ChoiceSet:
     def __init__(self, core, request_id: str, prompts: list[tuple[str | None, list[int] | None]],
-                 params: SamplingParams, n: int) -> None:
+                 params: SamplingParams, n: int, model: str = "target") -> None:
         """Submits the first sample of every prompt now; raises its RequestError (aborting what
-        was already submitted) if one is refused."""
+        was already submitted) if one is refused. model: TARGET, SMALL or AUTO (each sample of
+        an `auto` request is routed on its own)."""
         self.core = core
+        self.model = model
         self.request_id = request_id
         self.prompts = prompts
         self.params = params
@@ -41,7 +43,7 @@ class ChoiceSet:
         self.firsts = []
         try:
             for i, (text, ids) in enumerate(prompts):
-                self.firsts.append(core.submit(f"{request_id}-{i}-0", text, ids, params))
+                self.firsts.append(core.submit(f"{request_id}-{i}-0", text, ids, params, model=model))
         except RequestError:
             for sub in self.firsts:
                 sub.abort()
@@ -74,7 +76,7 @@ class ChoiceSet:
                 for j in range(1, self.n):
                     # Part of a request already admitted: no queue limit or admission check again.
                     sub = self.core.submit(f"{self.request_id}-{i}-{j}", text, ids, sample_params(self.params, j),
-                                           admitted=True)
+                                           admitted=True, model=self.model)
                     siblings.append(sub)
                     tasks.append(asyncio.ensure_future(drain(i * self.n + j, sub.outputs())))
             except StopAsyncIteration:

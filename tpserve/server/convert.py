@@ -73,14 +73,21 @@ def chunk_response(out: RequestOutput) -> pb.GenerateResponse:
     )
 
 
-def complete_response(out: RequestOutput, whole: CompletedRequest | None = None) -> pb.GenerateResponse:
-    """`whole` (non-streaming requests) carries the accumulated tokens, text and logprobs."""
+def complete_response(out: RequestOutput, whole: CompletedRequest | None = None,
+                      model_name: str = "") -> pb.GenerateResponse:
+    """`whole` (non-streaming requests) carries the accumulated tokens, text and logprobs;
+    `model_name` names the model that served the request."""
     complete = pb.GenerateComplete(
         finish_reason=FINISH_REASONS.get(out.finish_reason, pb.FINISH_REASON_UNSPECIFIED),
         usage=pb.Usage(prompt_tokens=out.num_prompt_tokens, completion_tokens=out.num_output_tokens,
                        cached_tokens=out.num_cached_tokens),
         time_to_first_token_s=out.time_to_first_token or 0.0,
+        model=model_name,
     )
+    if out.route is not None:
+        r = out.route
+        complete.route.CopyFrom(pb.RouteInfo(policy=r.policy, score=r.score, threshold=r.threshold,
+                                             handed_over=r.handed_over))
     if whole is not None:
         complete.token_ids.extend(whole.token_ids)
         complete.text = whole.text
@@ -94,7 +101,7 @@ def model_info_to_proto(info: ModelInfo) -> pb.GetModelInfoResponse:
     return pb.GetModelInfoResponse(**asdict(info))
 
 
-def server_info_to_proto(info: ServerInfo) -> pb.GetServerInfoResponse:
+def server_info_to_proto(info: ServerInfo, small_model_name: str | None = None) -> pb.GetServerInfoResponse:
     msg = pb.GetServerInfoResponse(uptime_s=info.uptime_s, block_size=info.block_size, draining=info.draining)
     s = info.stats
     if s is None:
@@ -109,4 +116,11 @@ def server_info_to_proto(info: ServerInfo) -> pb.GetServerInfoResponse:
     msg.num_finished_requests = info.num_finished_requests
     if s.speculation is not None:
         msg.speculation.CopyFrom(pb.SpeculationStats(**asdict(s.speculation)))
+    r = s.routing
+    if r is not None:
+        msg.routing.CopyFrom(pb.RoutingStats(
+            small_model_name=small_model_name or "", policy=r.policy or "", threshold=r.threshold,
+            num_auto_requests=r.num_auto, num_to_small=r.num_to_small, num_to_target=r.num_to_target,
+            num_handovers=r.num_handovers, small_requests=r.small_requests,
+            small_generation_tokens=r.small_generation_tokens, audit=pb.RouteAudit(**r.audit)))
     return msg

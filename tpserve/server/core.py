@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from tpserve.engine.outputs import RequestOutput
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.errors import InvalidRequest, NotFound, Overloaded, RequestError, Unavailable, Unsupported
+from tpserve.route.router import AUTO, SMALL, TARGET
 from tpserve.server.engine_loop import RequestHandle
 from tpserve.server.state import ModelInfo, ServerInfo, ServerState
 
@@ -67,18 +68,38 @@ class ServingCore:
             return False
         return True
 
+    @property
+    def model_names(self) -> list[str]:
+        """The names a request may give: the target's, the small model's, and `auto`."""
+        small = self.state.small_model_name
+        return [self.served_model_name] + ([small, AUTO] if small else [AUTO])
+
+    def resolve_model(self, name: str | None) -> str:
+        """A requested model name -> TARGET, SMALL or AUTO (empty or None: the target); NotFound
+        naming the served names otherwise."""
+        if not name:
+            return TARGET
+        self.check_model(name)
+        return AUTO if name == AUTO else SMALL if name == self.state.small_model_name else TARGET
+
     def check_model(self, name: str) -> None:
-        """NotFound unless `name` is the served model."""
-        if name != self.served_model_name:
-            raise NotFound(f"model {name!r} is not served here; the served model is {self.served_model_name!r}")
+        """NotFound unless `name` is one of the served names."""
+        if name not in self.model_names:
+            raise NotFound(f"model {name!r} is not served here; the served models are "
+                           f"{', '.join(repr(n) for n in self.model_names)}")
+
+    def model_name(self, model: str) -> str:
+        """The name of the model that served a request (RequestOutput.model)."""
+        return self.state.small_model_name if model == SMALL else self.served_model_name
 
     def submit(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-               params: SamplingParams | None = None, admitted: bool = False) -> Submission:
+               params: SamplingParams | None = None, admitted: bool = False, model: str = TARGET) -> Submission:
         """Validate and queue a request now (raising a RequestError before anything is sent, so a
         protocol can still answer with a status); its outputs come from the Submission. admitted:
-        part of a request that already passed the load checks (another sample of its prompt)."""
+        part of a request that already passed the load checks (another sample of its prompt).
+        model: TARGET, SMALL or AUTO, from `resolve_model`."""
         door = self.state.require_serving()
-        seq = self.state.requests.make(request_id, prompt, prompt_token_ids, params)
+        seq = self.state.requests.make(request_id, prompt, prompt_token_ids, params, model)
         on_finished = self.metrics.observe_finished if self.metrics is not None else None
         handle = RequestHandle(asyncio.get_running_loop(), on_finished)
         try:
@@ -90,9 +111,9 @@ class ServingCore:
         return Submission(request_id, seq.prompt_token_ids, handle, door)
 
     async def generate(self, request_id: str, prompt: str | None = None, prompt_token_ids: list[int] | None = None,
-                       params: SamplingParams | None = None) -> AsyncIterator[RequestOutput]:
+                       params: SamplingParams | None = None, model: str = TARGET) -> AsyncIterator[RequestOutput]:
         """Validate, submit, and yield the request's outputs until it finishes (see Submission)."""
-        async for out in self.submit(request_id, prompt, prompt_token_ids, params).outputs():
+        async for out in self.submit(request_id, prompt, prompt_token_ids, params, model=model).outputs():
             yield out
 
     def abort(self, request_id: str) -> bool:

@@ -64,8 +64,9 @@ def build_app(core: ServingCore, chat_template: str | None = None) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         info = core.model_info()
-        return {"object": "list", "data": [{"id": info.served_model_name, "object": "model", "owned_by": "tpserve",
-                                            "created": int(core.state.started_at), "max_model_len": info.max_model_len}]}
+        return {"object": "list", "data": [{"id": name, "object": "model", "owned_by": "tpserve",
+                                            "created": int(core.state.started_at), "max_model_len": info.max_model_len}
+                                           for name in core.model_names]}
 
     @app.get("/metrics")
     async def metrics():
@@ -86,8 +87,8 @@ def build_app(core: ServingCore, chat_template: str | None = None) -> FastAPI:
 
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, request: Request):
-        core.check_model(body.model)
-        choices = ChoiceSet(core, f"cmpl-{uuid.uuid4().hex}", body.prompts(), body.params(), body.n)
+        choices = ChoiceSet(core, f"cmpl-{uuid.uuid4().hex}", body.prompts(), body.params(), body.n,
+                            core.resolve_model(body.model))
         reply = _CompletionReply(core, body, choices)
         if body.stream:
             return StreamingResponse(reply.stream(), media_type="text/event-stream")
@@ -95,13 +96,13 @@ def build_app(core: ServingCore, chat_template: str | None = None) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatCompletionRequest, request: Request):
-        core.check_model(body.model)
+        model = core.resolve_model(body.model)
         ids = render_chat(core, body, chat_template)
         # Without max_tokens a reply may run to the end of the context, or of what the KV cache holds.
         lim = core.state.requests.limits
         room = min(lim.max_model_len, lim.num_kv_blocks * lim.block_size) - len(ids)
         params = body.params(default_max_tokens=max(1, room))
-        choices = ChoiceSet(core, f"chatcmpl-{uuid.uuid4().hex}", [(None, ids)], params, body.n)
+        choices = ChoiceSet(core, f"chatcmpl-{uuid.uuid4().hex}", [(None, ids)], params, body.n, model)
         reply = _ChatReply(core, body, choices)
         if body.stream:
             return StreamingResponse(reply.stream(), media_type="text/event-stream")
@@ -181,16 +182,28 @@ class _Reply:
         prompts = sum(c.num_prompt_tokens for c in self.choices[:: self.body.n])
         return fmt.usage(prompts, sum(len(c.token_ids) for c in self.choices))
 
-    def _chunk(self, choices: list[dict], **extra) -> str:
+    def _chunk(self, choices: list[dict], model: str | None = None, **extra) -> str:
         return fmt.sse({"id": self.id, "object": self.object_name + ".chunk" if self.object_name == "chat.completion"
-                        else self.object_name, "created": self.created, "model": self.body.model,
+                        else self.object_name, "created": self.created,
+                        "model": self.core.model_name(model) if model else self._model(),
                         "choices": choices, **extra})
+
+    def _model(self) -> str:
+        """The response's model: the name of the model that served the first choice (each choice
+        of an `auto` request names its own with its `route`)."""
+        return self.core.model_name(self.choices[0].model) if self.choices[0].model else self.body.model
+
+    def _whole(self, choice: fmt.Choice) -> dict:
+        body = self._whole_choice(choice)
+        if choice.route is not None:
+            body["route"] = fmt.route_info(self.core.model_name(choice.model), choice.route)
+        return body
 
     async def whole(self) -> dict:
         async for index, out in self.choice_set.outputs():
             self._take(index, out)
-        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self.body.model,
-                "choices": [self._whole_choice(c) for c in self.choices], "usage": self._usage()}
+        return {"id": self.id, "object": self.object_name, "created": self.created, "model": self._model(),
+                "choices": [self._whole(c) for c in self.choices], "usage": self._usage()}
 
     async def stream(self):
         try:
@@ -198,7 +211,10 @@ class _Reply:
                 choice, before = self._take(index, out)
                 piece = self._delta(choice, before, out)
                 if piece is not None:
-                    yield self._chunk([piece], **({"usage": self._usage()} if self.body.continuous_usage else {}))
+                    if out.route is not None:
+                        piece["route"] = fmt.route_info(self.core.model_name(out.model), out.route)
+                    yield self._chunk([piece], out.model,
+                                      **({"usage": self._usage()} if self.body.continuous_usage else {}))
         except RequestError as e:  # the group failed after the stream started
             status = fmt.request_error_status(e)
             yield fmt.sse(fmt.error_body(status, str(e), e.kind))

@@ -130,7 +130,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.ServerReadyResponse(ready=self.core.ready())
 
     async def ModelReady(self, request, context):
-        return kpb.ModelReadyResponse(ready=request.name == self.core.served_model_name and self.core.ready())
+        return kpb.ModelReadyResponse(ready=request.name in self.core.model_names and self.core.ready())
 
     async def ServerMetadata(self, request, context):
         return kpb.ServerMetadataResponse(name="tpserve", version="0.1.0", extensions=[])
@@ -154,12 +154,13 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         """Yield (text, final) responses of one request: each new piece when `stream` is set
         (only inside ModelStreamInfer), else the whole text once."""
         self.core.check_model(req.model_name)
+        model = self.core.resolve_model(req.model_name)
         text, stream, exclude_input, params = parse_request(req)
         if stream and not streaming:
             raise InvalidRequest("stream = true needs ModelStreamInfer")
         request_id = req.id or uuid.uuid4().hex
         whole = OutputAccumulator(request_id)
-        async for out in self.core.generate(request_id, text, None, params):
+        async for out in self.core.generate(request_id, text, None, params, model=model):
             if stream:
                 yield out.text, out.finished
             elif whole.add(out).finished:

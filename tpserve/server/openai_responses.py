@@ -4,6 +4,7 @@ whole or as server-sent-event chunks, their logprobs, usage and error envelopes.
 from __future__ import annotations
 
 import json
+import math
 
 from tpserve.engine.detokenizer import IncrementalDetokenizer
 from tpserve.engine.outputs import RequestOutput
@@ -74,6 +75,16 @@ def chat_logprobs(tokenizer, token_ids: list[int], lps: list[TokenLogprobs], con
     return {"content": content}
 
 
+def _finite(x: float | None) -> float | None:
+    return x if x is not None and math.isfinite(x) else None  # JSON has no infinities
+
+
+def route_info(model_name: str, route) -> dict:
+    """How the router served a choice of an `auto` request (a tpserve extension of the body)."""
+    return {"model": model_name, "policy": route.policy, "score": _finite(route.score),
+            "threshold": _finite(route.threshold), "handed_over": route.handed_over}
+
+
 def usage(prompt_tokens: int, completion_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens}
@@ -91,6 +102,8 @@ class Choice:
         self.finish_reason: str | None = None
         self.prompt_logprobs: list | None = None
         self.num_prompt_tokens = len(prompt_ids)
+        self.model: str | None = None  # the model serving it, from its latest output
+        self.route = None  # an `auto` request's RouteOutcome, with its last output
 
     def add(self, out: RequestOutput) -> tuple[int, str]:
         """Take a delta; returns (how many tokens came before it, the text before it)."""
@@ -99,8 +112,10 @@ class Choice:
         self.text += out.text
         if out.prompt_logprobs is not None:
             self.prompt_logprobs = out.prompt_logprobs
+        self.model = out.model
         if out.finished:
             self.finish_reason = out.finish_reason
+            self.route = out.route
         return before
 
     def echo_text(self, tokenizer) -> str:

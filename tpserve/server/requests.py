@@ -14,7 +14,7 @@ from tpserve.engine.detokenizer import IncrementalDetokenizer
 from tpserve.engine.sampling_params import SamplingError, SamplingParams
 from tpserve.engine.scheduler import RequestRejected, check_feasible
 from tpserve.engine.sequence import SMALL, TARGET, Sequence
-from tpserve.route.router import RouteState
+from tpserve.route.router import AUTO, RouteState
 
 
 @dataclass(frozen=True)
@@ -50,8 +50,8 @@ class RequestFactory:
         if params.stop and self.tokenizer is None:
             raise SamplingError("stop strings need a tokenizer; this model directory has none")
         seq = Sequence(-1, request_id, ids, params)
-        if model == "auto":
-            seq.route = RouteState("auto")
+        if model == AUTO:
+            seq.route = RouteState(AUTO)
         elif model in (TARGET, SMALL):
             seq.model = model
         else:

@@ -28,15 +28,17 @@ class GenerationServicer(pb_grpc.GenerationServicer):
         request_id = request.request_id or uuid.uuid4().hex
         try:
             prompt, token_ids = prompt_from_proto(request)
+            model = self.core.resolve_model(request.model)
             whole = OutputAccumulator(request_id)
-            async for out in self.core.generate(request_id, prompt, token_ids, sampling_from_proto(request.sampling)):
+            async for out in self.core.generate(request_id, prompt, token_ids, sampling_from_proto(request.sampling),
+                                                model=model):
                 if request.stream:
                     if out.new_token_ids or out.text:
                         yield chunk_response(out)
                     if out.finished:
-                        yield complete_response(out)
+                        yield complete_response(out, model_name=self.core.model_name(out.model))
                 elif whole.add(out).finished:
-                    yield complete_response(out, whole.result)
+                    yield complete_response(out, whole.result, self.core.model_name(out.model))
         except RequestError as e:
             await abort_with(context, e)
 
@@ -57,4 +59,4 @@ class GenerationServicer(pb_grpc.GenerationServicer):
             await abort_with(context, e)
 
     async def GetServerInfo(self, request, context):
-        return server_info_to_proto(self.core.server_info())
+        return server_info_to_proto(self.core.server_info(), self.core.state.small_model_name)

@@ -25,14 +25,17 @@ class ModelInfo:
     quantization: str
     dtype: str
     has_tokenizer: bool
+    small_model_name: str = ""  # empty without a small model
 
     @classmethod
-    def describe(cls, served_model_name: str, model_config, engine, tp_size: int) -> ModelInfo:
+    def describe(cls, served_model_name: str, model_config, engine, tp_size: int,
+                 small_model_name: str = "") -> ModelInfo:
         """The facts of a model (its tpserve.config.ModelConfig) as `engine` serves it."""
         return cls(served_model_name=served_model_name, architecture=model_config.architecture,
                    max_model_len=engine.scheduler.config.max_model_len, vocab_size=engine.vocab_size,
                    tp_size=tp_size, quantization=model_config.quantization,
-                   dtype=str(model_config.dtype).removeprefix("torch."), has_tokenizer=engine.tokenizer is not None)
+                   dtype=str(model_config.dtype).removeprefix("torch."), has_tokenizer=engine.tokenizer is not None,
+                   small_model_name=small_model_name)
 
 
 @dataclass(frozen=True)
@@ -47,6 +50,7 @@ class ServerInfo:
 @dataclass
 class ServerState:
     served_model_name: str
+    small_model_name: str | None = None  # with --small-model
     phase: str = LOADING
     door: EngineLoop | None = None
     requests: RequestFactory | None = None

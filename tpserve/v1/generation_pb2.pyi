@@ -57,18 +57,20 @@ class TokenIds(_message.Message):
     def __init__(self, ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "text", "token_ids", "sampling", "stream")
+    __slots__ = ("request_id", "text", "token_ids", "sampling", "stream", "model")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TEXT_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STREAM_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     text: str
     token_ids: TokenIds
     sampling: SamplingParams
     stream: bool
-    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ...) -> None: ...
+    model: str
+    def __init__(self, request_id: _Optional[str] = ..., text: _Optional[str] = ..., token_ids: _Optional[_Union[TokenIds, _Mapping]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., stream: _Optional[bool] = ..., model: _Optional[str] = ...) -> None: ...
 
 class TokenLogprob(_message.Message):
     __slots__ = ("token_id", "logprob")
@@ -123,7 +125,7 @@ class SpeculationStats(_message.Message):
     def __init__(self, num_proposed_tokens: _Optional[int] = ..., num_accepted_tokens: _Optional[int] = ..., num_target_forwards: _Optional[int] = ..., acceptance_rate: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., tokens_per_target_forward: _Optional[float] = ...) -> None: ...
 
 class GenerateComplete(_message.Message):
-    __slots__ = ("finish_reason", "usage", "time_to_first_token_s", "token_ids", "text", "logprobs", "speculation")
+    __slots__ = ("finish_reason", "usage", "time_to_first_token_s", "token_ids", "text", "logprobs", "speculation", "model", "route")
     FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +133,8 @@ class GenerateComplete(_message.Message):
     TEXT_FIELD_NUMBER: _ClassVar[int]
     LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    ROUTE_FIELD_NUMBER: _ClassVar[int]
     finish_reason: FinishReason
     usage: Usage
     time_to_first_token_s: float
@@ -138,7 +142,21 @@ class GenerateComplete(_message.Message):
     text: str
     logprobs: _containers.RepeatedCompositeFieldContainer[PositionLogprobs]
     speculation: SpeculationStats
-    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., time_to_first_token_s: _Optional[float] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., speculation: _Optional[_Union[SpeculationStats, _Mapping]] = ...) -> None: ...
+    model: str
+    route: RouteInfo
+    def __init__(self, finish_reason: _Optional[_Union[FinishReason, str]] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., time_to_first_token_s: _Optional[float] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., logprobs: _Optional[_Iterable[_Union[PositionLogprobs, _Mapping]]] = ..., speculation: _Optional[_Union[SpeculationStats, _Mapping]] = ..., model: _Optional[str] = ..., route: _Optional[_Union[RouteInfo, _Mapping]] = ...) -> None: ...
+
+class RouteInfo(_message.Message):
+    __slots__ = ("policy", "score", "threshold", "handed_over")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    HANDED_OVER_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    score: float
+    threshold: float
+    handed_over: bool
+    def __init__(self, policy: _Optional[str] = ..., score: _Optional[float] = ..., threshold: _Optional[float] = ..., handed_over: _Optional[bool] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "chunk", "complete")
@@ -183,7 +201,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("served_model_name", "architecture", "max_model_len", "vocab_size", "tp_size", "quantization", "dtype", "has_tokenizer")
+    __slots__ = ("served_model_name", "architecture", "max_model_len", "vocab_size", "tp_size", "quantization", "dtype", "has_tokenizer", "small_model_name")
     SERVED_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
     MAX_MODEL_LEN_FIELD_NUMBER: _ClassVar[int]
@@ -192,6 +210,7 @@ class GetModelInfoResponse(_message.Message):
     QUANTIZATION_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     HAS_TOKENIZER_FIELD_NUMBER: _ClassVar[int]
+    SMALL_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     served_model_name: str
     architecture: str
     max_model_len: int
@@ -200,14 +219,15 @@ class GetModelInfoResponse(_message.Message):
     quantization: str
     dtype: str
     has_tokenizer: bool
-    def __init__(self, served_model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., has_tokenizer: _Optional[bool] = ...) -> None: ...
+    small_model_name: str
+    def __init__(self, served_model_name: _Optional[str] = ..., architecture: _Optional[str] = ..., max_model_len: _Optional[int] = ..., vocab_size: _Optional[int] = ..., tp_size: _Optional[int] = ..., quantization: _Optional[str] = ..., dtype: _Optional[str] = ..., has_tokenizer: _Optional[bool] = ..., small_model_name: _Optional[str] = ...) -> None: ...
 
 class GetServerInfoRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class GetServerInfoResponse(_message.Message):
-    __slots__ = ("num_waiting_requests", "num_running_requests", "kv_blocks_free", "kv_blocks_cached", "kv_blocks_total", "prefix_cache_hit_rate", "uptime_s", "kv_blocks_in_use", "block_size", "draining", "num_finished_requests", "speculation")
+    __slots__ = ("num_waiting_requests", "num_running_requests", "kv_blocks_free", "kv_blocks_cached", "kv_blocks_total", "prefix_cache_hit_rate", "uptime_s", "kv_blocks_in_use", "block_size", "draining", "num_finished_requests", "speculation", "routing")
     NUM_WAITING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     KV_BLOCKS_FREE_FIELD_NUMBER: _ClassVar[int]
@@ -220,6 +240,7 @@ class GetServerInfoResponse(_message.Message):
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     NUM_FINISHED_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SPECULATION_FIELD_NUMBER: _ClassVar[int]
+    ROUTING_FIELD_NUMBER: _ClassVar[int]
     num_waiting_requests: int
     num_running_requests: int
     kv_blocks_free: int
@@ -232,4 +253,45 @@ class GetServerInfoResponse(_message.Message):
     draining: bool
     num_finished_requests: int
     speculation: SpeculationStats
-    def __init__(self, num_waiting_requests: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., uptime_s: _Optional[float] = ..., kv_blocks_in_use: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., num_finished_requests: _Optional[int] = ..., speculation: _Optional[_Union[SpeculationStats, _Mapping]] = ...) -> None: ...
+    routing: RoutingStats
+    def __init__(self, num_waiting_requests: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., uptime_s: _Optional[float] = ..., kv_blocks_in_use: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., num_finished_requests: _Optional[int] = ..., speculation: _Optional[_Union[SpeculationStats, _Mapping]] = ..., routing: _Optional[_Union[RoutingStats, _Mapping]] = ...) -> None: ...
+
+class RoutingStats(_message.Message):
+    __slots__ = ("small_model_name", "policy", "threshold", "num_auto_requests", "num_to_small", "num_to_target", "num_handovers", "small_requests", "small_generation_tokens", "audit")
+    SMALL_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    NUM_AUTO_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    NUM_TO_SMALL_FIELD_NUMBER: _ClassVar[int]
+    NUM_TO_TARGET_FIELD_NUMBER: _ClassVar[int]
+    NUM_HANDOVERS_FIELD_NUMBER: _ClassVar[int]
+    SMALL_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    SMALL_GENERATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_FIELD_NUMBER: _ClassVar[int]
+    small_model_name: str
+    policy: str
+    threshold: float
+    num_auto_requests: int
+    num_to_small: int
+    num_to_target: int
+    num_handovers: int
+    small_requests: int
+    small_generation_tokens: int
+    audit: RouteAudit
+    def __init__(self, small_model_name: _Optional[str] = ..., policy: _Optional[str] = ..., threshold: _Optional[float] = ..., num_auto_requests: _Optional[int] = ..., num_to_small: _Optional[int] = ..., num_to_target: _Optional[int] = ..., num_handovers: _Optional[int] = ..., small_requests: _Optional[int] = ..., small_generation_tokens: _Optional[int] = ..., audit: _Optional[_Union[RouteAudit, _Mapping]] = ...) -> None: ...
+
+class RouteAudit(_message.Message):
+    __slots__ = ("num_audits", "small_bits_per_byte", "target_bits_per_byte", "quality_gap", "output_target_bits_per_byte", "output_greedy_agreement")
+    NUM_AUDITS_FIELD_NUMBER: _ClassVar[int]
+    SMALL_BITS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_BITS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_GAP_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_TARGET_BITS_PER_BYTE_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_GREEDY_AGREEMENT_FIELD_NUMBER: _ClassVar[int]
+    num_audits: int
+    small_bits_per_byte: float
+    target_bits_per_byte: float
+    quality_gap: float
+    output_target_bits_per_byte: float
+    output_greedy_agreement: float
+    def __init__(self, num_audits: _Optional[int] = ..., small_bits_per_byte: _Optional[float] = ..., target_bits_per_byte: _Optional[float] = ..., quality_gap: _Optional[float] = ..., output_target_bits_per_byte: _Optional[float] = ..., output_greedy_agreement: _Optional[float] = ...) -> None: ...

@@ -1,0 +1,205 @@
+"""Routing between a target and a small model in one engine (TP 1, float32, real tiny checkpoints),
+against transformers: each model's greedy output, the cascade's hand-over (the small model's first
+tokens, then the target's continuation of them), a `confidence` request sent to the target (served
+whole by it), separate prefix-cache chains per model, the audit's numbers against a direct
+teacher-forced computation, and the block manager's invariant with nothing left behind."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import pytest
+import torch
+
+from tests.tiny_models import build_tiny_model, load_hf
+from tpserve.distributed import TPGroup
+from tpserve.engine.sampling_params import SamplingParams
+from tpserve.engine.setup import EngineArgs, build_runtime
+from tpserve.route.router import AUTO, SMALL, TARGET
+from tpserve.server.offline import generate
+from tpserve.server.requests import RequestFactory
+
+
+@pytest.fixture(scope="module")
+def models(tiny_dir):
+    return build_tiny_model(tiny_dir, "llama_gqa"), build_tiny_model(tiny_dir, "llama_mqa", seed=1)
+
+
+@pytest.fixture(scope="module")
+def hf(models):
+    return load_hf(models[0]), load_hf(models[1])
+
+
+def make_engine(models, num_kv_blocks=256, **route):
+    target, small = models
+    _, engine = build_runtime(EngineArgs(model=str(target), dtype="float32", small_model=str(small),
+                                         num_kv_blocks=num_kv_blocks, block_size=4, max_model_len=256,
+                                         route_policy=route.pop("policy", None), **route),
+                              TPGroup(device=torch.device("cpu")))
+    return engine
+
+
+def prompts(n, seed=0):
+    rng = random.Random(seed)
+    return [[rng.randrange(3, 250) for _ in range(rng.randint(3, 40))] for _ in range(n)]
+
+
+def hf_greedy(model, ids, n):
+    out = model.generate(torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                         max_new_tokens=n, do_sample=False, pad_token_id=0, eos_token_id=None)
+    return out[0, len(ids):].tolist()
+
+
+@torch.no_grad()
+def hf_logprobs(model, ids):
+    """Teacher-forced log-probability of token i + 1 at each position i."""
+    logp = model(torch.tensor([ids])).logits[0].float().log_softmax(-1)
+    return logp[:-1].gather(1, torch.tensor(ids[1:])[:, None])[:, 0].tolist(), logp[:-1].argmax(-1).tolist()
+
+
+def greedy(n):
+    return SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)
+
+
+def test_both_models_in_one_batch_give_their_own_greedy_tokens(models, hf):
+    engine = make_engine(models)
+    ps = prompts(8)
+    factory = RequestFactory.for_engine(engine)
+    for i, p in enumerate(ps):  # alternate models inside one continuous batch
+        engine.add_sequence(factory.make(f"r{i}", prompt_token_ids=p, params=greedy(10),
+                                         model=SMALL if i % 2 else TARGET))
+    got = {}
+    while engine.has_work():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+            if out.finished:
+                assert out.model == (SMALL if int(out.request_id[1:]) % 2 else TARGET)
+        engine.block_manager.check_invariants(engine.scheduler.running)
+    for i, p in enumerate(ps):
+        assert got[f"r{i}"] == hf_greedy(hf[i % 2], p, 10), f"request {i}"
+    assert engine.leftovers() == {}
+
+
+def test_each_model_has_its_own_prefix_cache_chains(models, hf):
+    engine = make_engine(models)
+    p = prompts(1, seed=3)[0] * 3  # long enough for several full blocks
+    first = generate(engine, [p], greedy(4), model=SMALL)[0]
+    target = generate(engine, [p], greedy(4), model=TARGET)[0]
+    again = generate(engine, [p], greedy(4), model=SMALL)[0]
+    assert first.num_cached_tokens == 0
+    assert target.num_cached_tokens == 0, "the target must never read the small model's K/V"
+    assert again.num_cached_tokens > 0, "the small model reuses its own blocks"
+    assert again.token_ids == first.token_ids == hf_greedy(hf[1], p, 4)
+    assert target.token_ids == hf_greedy(hf[0], p, 4)
+
+
+def test_cascade_hands_over_after_the_small_models_first_tokens(models, hf):
+    m = 3
+    engine = make_engine(models, policy="cascade", route_cascade_tokens=m, route_small_fraction=0.5)
+    ps = prompts(12, seed=1)
+    results = generate(engine, ps, greedy(9), model=AUTO)
+    outcomes = {r.model for r in results}
+    assert outcomes == {SMALL, TARGET}, "a half fraction should route both ways"
+    for p, r in zip(ps, results):
+        assert r.route.policy == "cascade" and r.route.score is not None
+        assert r.route.handed_over == (r.model == TARGET)
+        small_first = hf_greedy(hf[1], p, m)
+        assert r.token_ids[:m] == small_first, "the tokens already streamed stay"
+        if r.model == TARGET:
+            assert r.route.score < r.route.threshold
+            assert r.token_ids[m:] == hf_greedy(hf[0], p + small_first, 9 - m)
+        else:
+            assert r.token_ids == hf_greedy(hf[1], p, 9)
+    assert engine.scheduler.num_handovers == sum(r.model == TARGET for r in results)
+    engine.block_manager.check_invariants(engine.scheduler.running)
+    assert engine.leftovers() == {}
+
+
+def test_confidence_sends_whole_requests_to_the_target(models, hf):
+    engine = make_engine(models, policy="confidence", route_tail_tokens=8, route_small_fraction=0.5)
+    ps = prompts(12, seed=2)
+    results = generate(engine, ps, greedy(6), model=AUTO)
+    assert {r.model for r in results} == {SMALL, TARGET}
+    for p, r in zip(ps, results):
+        lps, _ = hf_logprobs(hf[1], p)
+        tail = lps[-8:]
+        q = sorted(tail)
+        pos = 0.1 * (len(q) - 1)
+        expect = q[int(pos)] + (q[min(int(pos) + 1, len(q) - 1)] - q[int(pos)]) * (pos - int(pos))
+        assert r.route.score == pytest.approx(expect, abs=1e-4), "the score is the small model's tail quantile"
+        assert r.token_ids == hf_greedy(hf[0] if r.model == TARGET else hf[1], p, 6)
+    assert engine.leftovers() == {}
+
+
+@pytest.mark.parametrize("policy", ["random", "length"])
+def test_decided_at_submission(models, hf, policy):
+    engine = make_engine(models, policy=policy, route_small_fraction=0.5)
+    ps = prompts(16, seed=4)
+    results = generate(engine, ps, greedy(4), model=AUTO)
+    for p, r in zip(ps, results):
+        assert not r.route.handed_over
+        assert (r.model == SMALL) == (r.route.score >= r.route.threshold)
+        if policy == "length":
+            assert r.route.score == -len(p)
+        assert r.token_ids == hf_greedy(hf[0] if r.model == TARGET else hf[1], p, 4)
+    assert 3 <= sum(r.model == SMALL for r in results) <= 13
+
+
+def test_auto_without_a_policy_is_the_target(models, hf):
+    engine = make_engine(models)
+    r = generate(engine, [prompts(1)[0]], greedy(3), model=AUTO)[0]
+    assert r.model == TARGET and r.route is None
+
+
+def test_audit_equals_a_direct_teacher_forced_computation(models, hf):
+    tail = 6
+    engine = make_engine(models, policy="random", route_small_fraction=1.0, route_audit_rate=1.0,
+                         route_tail_tokens=tail)
+    ps = prompts(5, seed=5)
+    results = generate(engine, ps, SamplingParams(max_tokens=7, temperature=0.8, seed=3, ignore_eos=True),
+                       model=AUTO)
+    while engine.has_work():  # the audits run in the background once nothing waits
+        engine.step()
+    audits = {a.request_id: a for a in engine.recent_audits}
+    assert len(audits) == len(ps)
+    for p, r in zip(ps, results):
+        a = audits[r.request_id]
+        ids = p + r.token_ids
+        t_lp, t_argmax = hf_logprobs(hf[0], ids)
+        s_lp, _ = hf_logprobs(hf[1], ids)
+        n = len(p)
+        k = min(tail, n - 1)
+        assert a.tail_tokens == k and a.output_tokens == len(r.token_ids)
+        assert a.tail_target_bits == pytest.approx(-sum(t_lp[n - 1 - k : n - 1]) / math.log(2), abs=1e-3)
+        assert a.tail_small_bits == pytest.approx(-sum(s_lp[n - 1 - k : n - 1]) / math.log(2), abs=1e-3)
+        assert a.output_small_bits == pytest.approx(-sum(s_lp[n - 1 :]) / math.log(2), abs=1e-3)
+        assert a.output_target_bits == pytest.approx(-sum(t_lp[n - 1 :]) / math.log(2), abs=1e-3)
+        assert a.output_agreement == sum(t == x for t, x in zip(t_argmax[n - 1 :], r.token_ids))
+    summary = engine.audit_totals.summary()
+    assert summary["num_audits"] == len(ps)
+    assert engine.leftovers() == {}
+
+
+def test_hand_overs_with_preemption_and_aborts_leave_nothing_behind(models):
+    engine = make_engine(models, num_kv_blocks=40, policy="cascade", route_cascade_tokens=2)
+    factory = RequestFactory.for_engine(engine)
+    rng = random.Random(7)
+    for i, p in enumerate(prompts(30, seed=6)):
+        engine.add_sequence(factory.make(f"r{i}", prompt_token_ids=p, params=greedy(rng.randint(3, 20)),
+                                         model=[AUTO, SMALL, TARGET][i % 3]))
+    finished, step = set(), 0
+    while engine.has_work():
+        if step in (3, 9, 15):
+            engine.abort_request(f"r{step}")
+        for out in engine.step():
+            assert out.request_id not in finished
+            if out.finished:
+                finished.add(out.request_id)
+        engine.block_manager.check_invariants(engine.scheduler.running)
+        step += 1
+        assert step < 3000
+    assert len(finished) == 30
+    assert engine.scheduler.num_preemptions > 0 and engine.scheduler.num_handovers > 0
+    assert engine.leftovers() == {}
+
