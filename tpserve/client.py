@@ -34,10 +34,14 @@ class Completion:
     cached_tokens: int = 0
     time_to_first_token_s: float = 0.0
     logprobs: list = field(default_factory=list)
+    model: str = ""  # the model that served it
+    route: pb.RouteInfo | None = None  # an `auto` request's routing
 
 
-def build_request(prompt: str | list[int], stream: bool, request_id: str | None = None, **sampling) -> pb.GenerateRequest:
-    req = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, stream=stream,
+def build_request(prompt: str | list[int], stream: bool, request_id: str | None = None, model: str = "",
+                  **sampling) -> pb.GenerateRequest:
+    """model: a served model's name, "auto", or empty for the target."""
+    req = pb.GenerateRequest(request_id=request_id or uuid.uuid4().hex, stream=stream, model=model,
                              sampling=pb.SamplingParams(**sampling))
     if isinstance(prompt, str):
         req.text = prompt
@@ -61,17 +65,19 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def generate_stream(self, prompt, request_id: str | None = None, **sampling):
+    def generate_stream(self, prompt, request_id: str | None = None, model: str = "", **sampling):
         """Yields GenerateResponse messages: chunks, then one complete."""
-        yield from self.stub.Generate(build_request(prompt, True, request_id, **sampling), timeout=self.timeout)
+        yield from self.stub.Generate(build_request(prompt, True, request_id, model, **sampling), timeout=self.timeout)
 
-    def generate(self, prompt, request_id: str | None = None, **sampling) -> Completion:
+    def generate(self, prompt, request_id: str | None = None, model: str = "", **sampling) -> Completion:
         """Non-streaming: one final message with the whole output."""
-        (resp,) = list(self.stub.Generate(build_request(prompt, False, request_id, **sampling), timeout=self.timeout))
+        (resp,) = list(self.stub.Generate(build_request(prompt, False, request_id, model, **sampling),
+                                          timeout=self.timeout))
         c = resp.complete
         return Completion(resp.request_id, list(c.token_ids), c.text, FINISH_NAMES.get(c.finish_reason),
                           c.usage.prompt_tokens, c.usage.completion_tokens, c.usage.cached_tokens,
-                          c.time_to_first_token_s, list(c.logprobs))
+                          c.time_to_first_token_s, list(c.logprobs), c.model,
+                          c.route if c.HasField("route") else None)
 
     def abort(self, request_id: str) -> bool:
         return self.stub.Abort(pb.AbortRequest(request_id=request_id)).aborted
@@ -90,6 +96,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m tpserve.client", description="Generate from a tpserve server.")
     p.add_argument("prompt")
     p.add_argument("--address", default="localhost:50051")
+    p.add_argument("--model", default="", help="a served model's name, or auto (default: the target)")
     p.add_argument("--stream", action="store_true")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=None)
@@ -99,7 +106,7 @@ def main(argv=None) -> int:
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
     args = p.parse_args(argv)
-    sampling = {"max_tokens": args.max_tokens, "stop": args.stop}
+    sampling = {"max_tokens": args.max_tokens, "stop": args.stop, "model": args.model}
     for key in ("temperature", "top_k", "top_p", "seed"):
         if getattr(args, key) is not None:
             sampling[key] = getattr(args, key)
@@ -111,12 +118,12 @@ def main(argv=None) -> int:
                         print(resp.chunk.text, end="", flush=True)
                     else:
                         c = resp.complete
-                        print(f"\n[{FINISH_NAMES.get(c.finish_reason)}; {c.usage.completion_tokens} tokens; "
+                        print(f"\n[{c.model}; {FINISH_NAMES.get(c.finish_reason)}; {c.usage.completion_tokens} tokens; "
                               f"TTFT {c.time_to_first_token_s * 1000:.0f} ms]", file=sys.stderr)
             else:
                 done = client.generate(args.prompt, **sampling)
                 print(done.text)
-                print(f"[{done.finish_reason}; {done.completion_tokens} tokens]", file=sys.stderr)
+                print(f"[{done.model}; {done.finish_reason}; {done.completion_tokens} tokens]", file=sys.stderr)
     except grpc.RpcError as e:
         print(f"error: {e.code().name}: {e.details()}", file=sys.stderr)
         return 1

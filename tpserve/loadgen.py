@@ -40,24 +40,26 @@ def rejected(t0: float, message: str) -> dict:
     return {"rejected": True, "reject_latency": time.perf_counter() - t0, "message": message}
 
 
-async def grpc_request(stub, prompt: Prompt, max_tokens: int) -> dict:
+async def grpc_request(stub, prompt: Prompt, max_tokens: int, model: str = "") -> dict:
     import grpc
 
     from tpserve.client import build_request
 
-    req = build_request(prompt, True, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    req = build_request(prompt, True, model=model, max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
-    stamps, n = [], 0
+    stamps, n, served = [], 0, ""
     try:
         async for resp in stub.Generate(req):
             if resp.HasField("chunk") and resp.chunk.token_ids:
                 stamps.append(time.perf_counter())
                 n += len(resp.chunk.token_ids)
+            elif resp.HasField("complete"):
+                served = resp.complete.model
     except grpc.aio.AioRpcError as e:
         if e.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
             return rejected(t0, e.details())
         raise
-    return timing(t0, stamps, time.perf_counter(), n)
+    return {**timing(t0, stamps, time.perf_counter(), n), "model": served}
 
 
 async def http_request(client, model: str, prompt: Prompt, max_tokens: int) -> dict:
@@ -116,8 +118,8 @@ def wait_ready(target: str, timeout: float = 300, check=None) -> None:
 
 @contextlib.asynccontextmanager
 async def connect(target: str, concurrency: int = 0):
-    """-> an async function (prompt, max_tokens) -> one request's record, for a gRPC HOST:PORT or
-    an http:// URL."""
+    """-> an async function (prompt, max_tokens, model="") -> one request's record, for a gRPC
+    HOST:PORT or an http:// URL (model: a served name or "auto"; empty: the target)."""
     if target.startswith("http://"):
         import httpx
 
@@ -125,8 +127,8 @@ async def connect(target: str, concurrency: int = 0):
         # hold back the arrivals it is meant to offer.
         limits = httpx.Limits(max_connections=concurrency * 2 if concurrency else None, max_keepalive_connections=64)
         async with httpx.AsyncClient(base_url=target, limits=limits, timeout=600) as client:
-            model = (await client.get("/v1/models")).json()["data"][0]["id"]
-            yield lambda prompt, n: http_request(client, model, prompt, n)
+            target_name = (await client.get("/v1/models")).json()["data"][0]["id"]
+            yield lambda prompt, n, model="": http_request(client, model or target_name, prompt, n)
         return
     import grpc
 
@@ -134,26 +136,27 @@ async def connect(target: str, concurrency: int = 0):
 
     async with grpc.aio.insecure_channel(target.removeprefix("grpc://")) as channel:
         stub = pb_grpc.GenerationStub(channel)
-        yield lambda prompt, n: grpc_request(stub, prompt, n)
+        yield lambda prompt, n, model="": grpc_request(stub, prompt, n, model)
 
 
-async def run_load(target: str, work: list[tuple[Prompt, int]], rate: float, concurrency: int,
+async def run_load(target: str, work: list[tuple], rate: float, concurrency: int,
                    seed: int = 0) -> tuple[list[dict], float]:
-    """Send every (prompt, output length) of `work`; -> (one record per request, seconds taken)."""
+    """Send every (prompt, output length[, model]) of `work`; -> (one record per request, seconds
+    taken)."""
     rng = random.Random(seed)
     async with connect(target, concurrency) as one_request:
         sem = asyncio.Semaphore(concurrency) if concurrency else None
 
-        async def limited(prompt, n):
+        async def limited(prompt, n, model=""):
             if sem is None:
-                return await one_request(prompt, n)
+                return await one_request(prompt, n, model)
             async with sem:
-                return await one_request(prompt, n)
+                return await one_request(prompt, n, model)
 
         tasks = []
         t0 = time.perf_counter()
-        for prompt, n in work:
-            tasks.append(asyncio.create_task(limited(prompt, n)))
+        for item in work:
+            tasks.append(asyncio.create_task(limited(*item)))
             if rate != float("inf"):
                 await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
