@@ -70,9 +70,10 @@ class ServingCore:
 
     @property
     def model_names(self) -> list[str]:
-        """The names a request may give: the target's, the small model's, and `auto`."""
+        """The served names: the target's, and with a small model its name and `auto` (which a
+        request may always give: without a small model it means the target)."""
         small = self.state.small_model_name
-        return [self.served_model_name] + ([small, AUTO] if small else [AUTO])
+        return [self.served_model_name, small, AUTO] if small else [self.served_model_name]
 
     def resolve_model(self, name: str | None) -> str:
         """A requested model name -> TARGET, SMALL or AUTO (empty or None: the target); NotFound
@@ -84,7 +85,7 @@ class ServingCore:
 
     def check_model(self, name: str) -> None:
         """NotFound unless `name` is one of the served names."""
-        if name not in self.model_names:
+        if name not in self.model_names and name != AUTO:
             raise NotFound(f"model {name!r} is not served here; the served models are "
                            f"{', '.join(repr(n) for n in self.model_names)}")
 
