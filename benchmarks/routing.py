@@ -39,7 +39,7 @@ from common import machine_info, print_table, write_json
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "routing"
 FRACTIONS = [i / 20 for i in range(21)]
-POLICIES = ("random", "length", "confidence", "cascade")
+POLICIES = ("random", "length", "confidence", "cascade", "gap")
 LN2 = math.log(2)
 
 
@@ -189,7 +189,9 @@ def bootstrap_apgr(reqs, scores, metric, policy, n=200, seed=0) -> tuple[float, 
             continue
         vals.append(apgr(curve(sub, [scores[i] for i in idx], metric, policy)))
     vals.sort()
-    return vals[int(0.025 * len(vals))], vals[int(0.975 * len(vals)) - 1]
+    if not vals:
+        return float("nan"), float("nan")
+    return vals[int(0.025 * len(vals))], vals[max(0, int(0.975 * len(vals)) - 1)]
 
 
 def max_fraction_at(rows: list[dict], min_pgr: float) -> float:

@@ -132,6 +132,35 @@ def test_confidence_sends_whole_requests_to_the_target(models, hf):
     assert engine.leftovers() == {}
 
 
+def test_gap_scores_both_models_and_hands_the_prompt_to_the_small_model(models, hf):
+    tail = 8
+    engine = make_engine(models, policy="gap", route_tail_tokens=tail, route_small_fraction=0.5)
+    ps = prompts(12, seed=8)
+    results = generate(engine, ps, greedy(6), model=AUTO)
+    assert {r.model for r in results} == {SMALL, TARGET}
+    for p, r in zip(ps, results):
+        t_lp, _ = hf_logprobs(hf[0], p)
+        s_lp, _ = hf_logprobs(hf[1], p)
+        k = min(tail, len(p) - 1)
+        diffs = [s - t for s, t in zip(s_lp[-k:], t_lp[-k:])]
+        assert r.route.score == pytest.approx(sum(diffs) / k, abs=1e-4)
+        assert not r.route.handed_over
+        first = hf_greedy(hf[0], p, 1)
+        if r.model == TARGET:
+            assert r.token_ids == hf_greedy(hf[0], p, 6)
+        else:  # the target's first token, then the small model on the K/V it computed beside the target
+            assert r.token_ids == first + hf_greedy(hf[1], p + first, 5)
+    engine.block_manager.check_invariants(engine.scheduler.running)
+    assert engine.leftovers() == {}
+    # A prompt the small model went on to serve joined the target's prefix chains while the target
+    # prefilled it (the target's K/V is there too), and nothing after: a target request extending
+    # it reuses those blocks and still gives the target's tokens.
+    p = max((p for p, r in zip(ps, results) if r.model == SMALL), key=len)
+    again = generate(engine, [p + [5, 6, 7, 8, 9]], greedy(4), model=TARGET)[0]
+    assert again.num_cached_tokens >= 4 * (len(p) // 4) - 4
+    assert again.token_ids == hf_greedy(hf[0], p + [5, 6, 7, 8, 9], 4)
+
+
 @pytest.mark.parametrize("policy", ["random", "length"])
 def test_decided_at_submission(models, hf, policy):
     engine = make_engine(models, policy=policy, route_small_fraction=0.5)

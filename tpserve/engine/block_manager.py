@@ -91,7 +91,7 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
             return []  # (prompt logprobs need every prompt position computed)
         route = seq.route  # the router scores the prompt's last tokens: they must be computed
-        tail = route.tail_tokens if route is not None and not route.tail_logprobs else 0
+        tail = route.tail_tokens if route is not None and route.wants_tail(seq.model) else 0
         hits, parent, root = [], None, CHAIN_ROOTS[seq.model]
         bs = self.block_size
         for i in range(max(0, seq.num_tokens - 1 - tail) // bs):
@@ -122,6 +122,7 @@ class BlockManager:
         seq.num_hashed_blocks = len(hits)
         seq.num_computed_tokens = num_cached
         seq.num_cached_tokens = num_cached
+        seq.cache_model = seq.model
         self.num_queried_tokens += seq.num_tokens
         self.num_hit_tokens += num_cached
         self._grow(seq, needed)
@@ -140,8 +141,8 @@ class BlockManager:
 
     def commit(self, seq: Sequence, num_final_tokens: int) -> None:
         """Register every full block within seq's first `num_final_tokens` tokens in the cache."""
-        if not self.enable_prefix_caching:
-            return
+        if not self.enable_prefix_caching or seq.cache_model != seq.model:
+            return  # (a sequence that changed model mid-way holds blocks of both: none is shared)
         bs = self.block_size
         parent = seq.block_hashes[-1] if seq.block_hashes else None
         root = CHAIN_ROOTS[seq.model]

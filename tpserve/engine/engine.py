@@ -130,24 +130,29 @@ class LLMEngine:
             if small:  # target rows first, then the small model's: the logits come in that order
                 target = SchedulerOutput([item for item in batch.scheduled if item.seq.model != SMALL])
                 batch.scheduled = target.scheduled + small
+            # `gap` requests ending their prefill on the target: the small model computes the prompt beside it.
+            beside = [item for item in target.scheduled if item.num_tail_rows and item.seq.route.policy == "gap"]
             if self.spec is not None:
                 self.spec.propose(target)
             # The target's plan goes out even when empty: workers learn which tables to drop and
             # keep hearing from rank 0 while only the small model runs.
             logits = self.driver.step(self.scheduler.plan(target))
-            if small:
-                small_logits = self._run_small(small)
+            if small or beside:
+                small_logits = self._run_small(small, beside)
                 logits = small_logits if logits is None else torch.cat([logits, small_logits])
             self.num_steps += 1
             self.last_step_num_tokens = batch.num_tokens
             self.last_step_num_seqs = len(batch.scheduled)
             self._sample(batch, logits)
             to_target = self._route_before_update(small) if small else []
+            to_small = self._route_gap(beside)
             updated = self.scheduler.update(batch, time.monotonic())
             if self.spec is not None:
                 self.spec.after_update(target)
             if small:
                 self._route_after_update(small, to_target)
+            for seq in to_small:  # its blocks hold the small model's K/V of the prompt too
+                seq.model = SMALL
         elif self.scheduler.num_tables_to_drop:
             self.driver.step(StepPlan(finished=self.scheduler.take_tables_to_drop()))
         outputs = self._emit(updated)
@@ -164,9 +169,11 @@ class LLMEngine:
         lookahead = self.spec.plan_step([s for s in self.scheduler.running if s.model != SMALL])
         return lambda seq: 0 if seq.model == SMALL else lookahead(seq)
 
-    def _run_small(self, items: list[ScheduledSeq]) -> torch.Tensor:
-        """The small model's forward on rank 0 over its sequences' new tokens. Every pass sends
-        whole block tables, which its runner forgets afterwards (it may also be the draft)."""
+    def _run_small(self, items: list[ScheduledSeq], beside: list[ScheduledSeq] = ()) -> torch.Tensor:
+        """The small model's forward on rank 0 over its sequences' new tokens, and over the whole
+        prompt of each `beside` item (a `gap` request the target is prefilling), whose tail rows it
+        scores. Returns the small sequences' logit rows. Every pass sends whole block tables, which
+        its runner forgets afterwards (it may also be the draft)."""
         works = []
         for item in items:
             seq = item.seq
@@ -174,11 +181,28 @@ class LLMEngine:
             rows = item.num_logit_rows
             works.append(SeqWork(seq.seq_id, seq.token_ids[start : start + item.num_new_tokens], start,
                                  block_table=list(seq.block_table), sample=rows > 0, num_logits=rows))
+        num_rows = sum(item.num_logit_rows for item in items)
+        for item in beside:
+            seq = item.seq
+            end = seq.num_computed_tokens + item.num_new_tokens
+            works.append(SeqWork(seq.seq_id, seq.token_ids[:end], 0, block_table=list(seq.block_table),
+                                 num_logits=item.num_tail_rows + 1))
         logits = self.small_runner.execute(StepPlan(works))
         self.small_runner.forget_block_tables()
         if logits is None:  # no row sampled
-            logits = torch.empty(0, self.vocab_size)
-        return logits
+            return torch.empty(0, self.vocab_size)
+        row = num_rows
+        for item in beside:
+            item.seq.route.tail_logprobs = score_tail(item, logits[row : row + item.num_tail_rows])
+            row += item.num_tail_rows + 1
+        return logits[:num_rows]
+
+    def _route_gap(self, beside: list[ScheduledSeq]) -> list[Sequence]:
+        """`gap` requests whose prompt both models have scored: those the router sends to the
+        small model (which continues after the target's first token)."""
+        if self.router is None:
+            return []
+        return [item.seq for item in beside if item.tokens and self.router.after_prefill(item.seq.route) == SMALL]
 
     def _route_before_update(self, items: list[ScheduledSeq]) -> list[Sequence]:
         """After sampling the small model's rows: keep the raw log-probabilities routing needs; a
@@ -187,7 +211,7 @@ class LLMEngine:
         to_target = []
         for item in items:
             route = item.seq.route
-            if route is None or not item.tokens:
+            if route is None or not item.tokens or route.policy == "gap":
                 continue
             if self.router is not None and self.router.after_prefill(route) == TARGET:
                 item.tokens, item.logprobs = (), ()
@@ -199,7 +223,7 @@ class LLMEngine:
             seq = item.seq
             route = seq.route
             if seq in to_target:
-                route.handed_over = True
+                route.handed_over, route.tail_tokens = True, 0
                 self.scheduler.hand_over(seq, TARGET)
                 continue
             if route is None or not item.tokens or self.router is None:
@@ -218,7 +242,11 @@ class LLMEngine:
             if item.scores_prompt:
                 item.prompt_logprobs = score_prompt(item, logits[start:row])
             if item.num_tail_rows:
-                item.seq.route.tail_logprobs = score_tail(item, logits[start : row - 1])
+                route, lps = item.seq.route, score_tail(item, logits[start : row - 1])
+                if item.seq.model == SMALL:
+                    route.tail_logprobs = lps
+                else:
+                    route.target_tail_logprobs = lps
             if not item.samples or item.seq.params.max_tokens == 0:
                 continue
             if item.proposal is None:

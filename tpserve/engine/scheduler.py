@@ -88,7 +88,7 @@ class ScheduledSeq:
                               and len(seq.prompt_logprobs) < min(end, seq.num_prompt_tokens - 1))
         route = seq.route
         wants_tail = (self.samples and not self.scores_prompt and not seq.is_decoding and route is not None
-                      and route.tail_tokens > 0 and not route.tail_logprobs)
+                      and route.wants_tail(seq.model))
         self.num_tail_rows = min(route.tail_tokens, self.num_new_tokens - 1) if wants_tail else 0
 
     @property

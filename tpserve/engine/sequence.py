@@ -102,6 +102,7 @@ class Sequence:
     generator: Any = None  # a seeded request's own torch.Generator, made by the sampler at first use
     spec: SpecState | None = None  # speculative decoding's state of this sequence
     model: str = TARGET  # TARGET, or SMALL: served by the small model on rank 0 (tpserve.route)
+    cache_model: str = TARGET  # whose prefix-cache chains its blocks join (its model when admitted)
     route: Any = None  # tpserve.route.RouteState: the router's state of an `auto` request, or an audit's
 
     def __post_init__(self) -> None:

@@ -78,7 +78,7 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--small-model", default=None,
                    help="a smaller model (same vocabulary) that serves whole requests on rank 0 (default with "
                         "--route-policy: the bundled draft, when serving the bundled target)")
-    r.add_argument("--route-policy", choices=["random", "length", "confidence", "cascade"], default=None,
+    r.add_argument("--route-policy", choices=["random", "length", "confidence", "cascade", "gap"], default=None,
                    help="how `auto` requests choose a model (without it, `auto` means the target)")
     r.add_argument("--route-small-fraction", type=float, default=0.5,
                    help="fraction of `auto` traffic to send to the small model (tracked over recent requests)")

@@ -24,7 +24,7 @@ from pathlib import Path
 from tpserve.errors import ConfigError
 
 SETTINGS = ("aggregate_quantile", "tail_tokens", "cascade_tokens")
-CALIBRATED_POLICIES = ("length", "confidence", "cascade")  # random's threshold is exact without one
+CALIBRATED_POLICIES = ("length", "confidence", "cascade", "gap")  # random's threshold is exact without one
 
 
 def read_prompts(path: str) -> list:

@@ -9,6 +9,11 @@ the threshold. Policies differ in the score and in when it is known:
 - `confidence`: the small model's prefill scores the prompt's last `tail_tokens` tokens; the score is
   a low quantile of their log-probabilities; a request routed to the target is handed over before
   any token is sampled;
+- `gap`: the target prefills (as it would serve) and the small model computes the prompt beside it
+  on rank 0, both scoring the prompt's last `tail_tokens` tokens; the score is the mean of the
+  small model's log-probability minus the target's there (how much worse the small model predicts
+  this request's own text); a request routed to the small model continues on it from the K/V both
+  models wrote into its blocks (the target's first token is kept), so nothing is computed twice;
 - `cascade`: the small model prefills and generates `cascade_tokens` tokens; the score is a low
   quantile of the log-probabilities of its own tokens; below the threshold the request is handed
   over to the target, which continues after the tokens already streamed (they stay valid: the
@@ -29,7 +34,7 @@ from dataclasses import dataclass, field
 
 from tpserve.errors import ConfigError
 
-POLICIES = ("random", "length", "confidence", "cascade")
+POLICIES = ("random", "length", "confidence", "cascade", "gap")
 TARGET = "target"  # the models a request can be served by (Sequence.model)
 SMALL = "small"
 AUTO = "auto"  # the name a request gives to let the router choose
@@ -86,8 +91,15 @@ class RouteState:
     decided: bool = False
     handed_over: bool = False
     tail_logprobs: list[float] = field(default_factory=list)  # small model's, last prompt tokens
+    target_tail_logprobs: list[float] = field(default_factory=list)  # the target's, same tokens (gap)
     output_logprobs: list[float] = field(default_factory=list)  # small model's, of its own tokens
     audit: AuditInfo | None = None  # on an audit sequence: what it compares
+
+    def wants_tail(self, model: str) -> bool:
+        """Whether `model`'s prefill still has to score the prompt's last tokens for the router."""
+        if self.tail_tokens <= 0:
+            return False
+        return not (self.target_tail_logprobs if model == TARGET else self.tail_logprobs)
 
 
 @dataclass(slots=True)
@@ -170,15 +182,17 @@ class Router:
             return self._decide(state, self._rng.random())
         if policy == "length":
             return self._decide(state, -float(num_prompt_tokens))
-        if policy == "confidence":
-            state.tail_tokens = self.config.tail_tokens
-        return SMALL
+        state.tail_tokens = self.config.tail_tokens if policy in ("confidence", "gap") else 0
+        return TARGET if policy == "gap" else SMALL
 
     def after_prefill(self, state: RouteState) -> str | None:
-        """Confidence: the decision once the small model has scored the prompt's tail (None for
-        other policies or a decided request)."""
-        if state.decided or state.policy != "confidence":
+        """Confidence and gap: the decision once the prompt's tail is scored (None for other
+        policies or a decided request)."""
+        if state.decided or state.policy not in ("confidence", "gap"):
             return None
+        if state.policy == "gap":
+            diffs = [s - t for s, t in zip(state.tail_logprobs, state.target_tail_logprobs)]
+            return self._decide(state, sum(diffs) / len(diffs) if diffs else 0.0)
         lps = state.tail_logprobs
         return self._decide(state, quantile(lps, self.config.aggregate_quantile) if lps else 0.0)
 
