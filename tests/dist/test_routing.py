@@ -232,3 +232,25 @@ def test_hand_overs_with_preemption_and_aborts_leave_nothing_behind(models):
     assert engine.scheduler.num_preemptions > 0 and engine.scheduler.num_handovers > 0
     assert engine.leftovers() == {}
 
+
+
+def test_one_copy_is_both_the_draft_and_the_small_model(models, hf):
+    target, small = models
+    _, engine = build_runtime(EngineArgs(model=str(target), dtype="float32", small_model=str(small),
+                                         draft_model=str(small), speculative_method="draft", spec_policy="fixed",
+                                         num_speculative_tokens=3, num_kv_blocks=256, block_size=4,
+                                         max_model_len=256), TPGroup(device=torch.device("cpu")))
+    assert engine.spec.proposer.runner is engine.small_runner
+    ps = prompts(6, seed=9)
+    factory = RequestFactory.for_engine(engine)
+    for i, p in enumerate(ps):
+        engine.add_sequence(factory.make(f"r{i}", prompt_token_ids=p, params=greedy(12),
+                                         model=SMALL if i % 2 else TARGET))
+    got = {}
+    while engine.has_work():
+        for out in engine.step():
+            got.setdefault(out.request_id, []).extend(out.new_token_ids)
+    for i, p in enumerate(ps):  # speculation on the target's requests stays lossless
+        assert got[f"r{i}"] == hf_greedy(hf[i % 2], p, 12), f"request {i}"
+    assert engine.spec.totals.num_spec_steps > 0
+    assert engine.leftovers() == {}
