@@ -4,6 +4,8 @@ what it saves in serving.
     python benchmarks/routing.py quality   # per-request quality under each model, each policy's score,
                                            # quality vs fraction, PGR at 25/50/75 %, APGR
     python benchmarks/routing.py audit     # the online audit's estimate against the offline truth
+    python benchmarks/routing.py drift     # calibrated on stdlib, serving other projects' code: the
+                                           # fraction a frozen threshold gives vs the online tracker
     python benchmarks/routing.py serve     # output tokens/s at 64 streams, 0/25/50/75 % small + the
                                            # best policy at the fraction that keeps PGR >= 0.9
     python benchmarks/routing.py placement # the small model on rank 0 vs sharded over the group
@@ -44,11 +46,28 @@ LN2 = math.log(2)
 
 
 # --- requests --------------------------------------------------------------------------------
-def cut_requests(tokenizer, n: int, seed: int, max_prompt_tokens: int, continuation_tokens: int) -> list[dict]:
-    """Seeded cuts of held-out files at line boundaries whose next line is not blank."""
+def other_projects_code(max_files: int = 400) -> dict[str, str]:
+    """Python sources of installed third-party packages (not the standard library the bundled
+    models know): the traffic a calibration made on stdlib code has never seen."""
+    import site
+
+    root = Path(site.getsitepackages()[0])
+    files = {}
+    for pkg in ("transformers", "numpy", "httpx", "fastapi", "pydantic", "grpc", "prometheus_client", "uvicorn"):
+        for path in sorted((root / pkg).rglob("*.py"))[:max_files // 8]:
+            try:
+                files[str(path.relative_to(root))] = path.read_text(encoding="utf-8")
+            except (UnicodeDecodeError, OSError):
+                continue
+    return files
+
+
+def cut_requests(tokenizer, n: int, seed: int, max_prompt_tokens: int, continuation_tokens: int,
+                 sources: dict[str, str] | None = None) -> list[dict]:
+    """Seeded cuts of held-out files (or of `sources`) at line boundaries whose next line is not blank."""
     from tpserve.bundled.corpus import load_corpus
 
-    _, held = load_corpus()
+    held = sources if sources is not None else load_corpus()[1]
     files = sorted(held)
     rng = random.Random(seed)
     out = []
@@ -136,7 +155,8 @@ def policy_scores(engine, reqs: list[dict], args) -> dict[str, list[float]]:
     for policy in args.policies:
         config = RouteConfig(policy=policy, aggregate_quantile=args.route_quantile, tail_tokens=args.tail_tokens,
                              cascade_tokens=args.cascade_tokens, seed=args.seed)
-        scores[policy] = score_prompts(engine, [r["prompt"] for r in reqs], config)
+        scores[policy] = [-math.inf if s is None else s
+                          for s in score_prompts(engine, [r["prompt"] for r in reqs], config)]
     scores["oracle"] = [r["target_bpb"] - r["small_bpb"] for r in reqs]  # high: the small model loses little
     return scores
 
@@ -421,11 +441,55 @@ def run_placement(args) -> dict:
     return payload
 
 
+def run_drift(args) -> dict:
+    """Calibrate on stdlib prompts, then serve other projects' code with --route-small-fraction:
+    the fraction a threshold frozen at the calibration gives, against the online tracker's."""
+    from tpserve.engine.sampling_params import SamplingParams
+    from tpserve.route.router import AUTO, SMALL, RouteConfig, Router, ScoreTracker, load_calibration
+    from tpserve.server.offline import generate
+
+    policy = args.serve_policy or best_policy(json.loads((OUT / "quality.json").read_text())["summary"])
+    cal_path = OUT / "calibration.json"
+    if not cal_path.exists():
+        write_calibration(args, cal_path)
+    cal = load_calibration(str(cal_path))
+    engine = load_engine(args)
+    reqs = cut_requests(engine.tokenizer, args.drift_prompts, args.seed + 2000, args.max_prompt_tokens, 1,
+                        other_projects_code())
+    rows = []
+    for fraction in args.drift_fractions:
+        config = RouteConfig(policy=policy, small_fraction=fraction, aggregate_quantile=args.route_quantile,
+                             tail_tokens=args.tail_tokens, cascade_tokens=args.cascade_tokens, window=args.window,
+                             seed=args.seed)
+        frozen = ScoreTracker(10_000, cal["quantiles"][policy]).threshold(fraction)
+        for label, router in (("calibration threshold, frozen", Router(RouteConfig(**{**config.__dict__,
+                                                                                      "threshold": frozen}))),
+                              ("online tracker, seeded by the calibration", Router(config, cal))):
+            engine.router = router
+            served = []
+            for start in range(0, len(reqs), args.drift_batch):  # arrivals in waves, as traffic comes
+                chunk = [r["prompt"] for r in reqs[start:start + args.drift_batch]]
+                res = generate(engine, chunk, SamplingParams(max_tokens=args.cascade_tokens, temperature=0.0),
+                               model=AUTO)
+                served += [r.model == SMALL for r in res]
+            third = len(served) // 3
+            rows.append({"asked": fraction, "threshold": label, "small_all": statistics.fmean(served),
+                         "small_first_third": statistics.fmean(served[:third]),
+                         "small_last_third": statistics.fmean(served[-third:])})
+    print(f"\n{policy}: calibrated on {cal['num_prompts']} stdlib prompts, serving {len(reqs)} prompts of other "
+          f"projects' code (site-packages), window {args.window}:")
+    print_table(rows, ["asked", "threshold", "small_all", "small_first_third", "small_last_third"])
+    payload = {"machine": machine_info(), "policy": policy, "rows": rows,
+               "args": {k: v for k, v in vars(args).items() if k != "func"}}
+    write_json(OUT / "drift.json", payload)
+    return payload
+
+
 def parse_args(argv=None):
     from tpserve.bundled import DEFAULT_DRAFT_DIR, DEFAULT_MODEL_DIR
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["quality", "audit", "serve", "placement", "all"])
+    p.add_argument("what", choices=["quality", "audit", "drift", "serve", "placement", "all"])
     p.add_argument("--model", default=str(DEFAULT_MODEL_DIR))
     p.add_argument("--small-model", default=str(DEFAULT_DRAFT_DIR))
     p.add_argument("--num-prompts", type=int, default=400)
@@ -449,12 +513,17 @@ def parse_args(argv=None):
     p.add_argument("--calibration-prompts", type=int, default=300)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--tp", type=int, default=1)
+    p.add_argument("--window", type=int, default=200, help="the tracker's window in the drift run")
+    p.add_argument("--drift-prompts", type=int, default=400)
+    p.add_argument("--drift-batch", type=int, default=25)
+    p.add_argument("--drift-fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0.25, 0.5])
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    steps = {"quality": run_quality, "audit": run_audit, "serve": run_serve, "placement": run_placement}
+    steps = {"quality": run_quality, "audit": run_audit, "drift": run_drift, "serve": run_serve,
+             "placement": run_placement}
     for name in (steps if args.what == "all" else [args.what]):
         steps[name](args)
 

@@ -95,6 +95,8 @@ def small_model_name(args, engine_args, served_model_name: str) -> str:
     from tpserve.route.router import AUTO
 
     name = args.small_model_name or Path(resolve_small_dir(engine_args)).name
+    if served_model_name == AUTO:
+        raise ConfigError(f"--served-model-name {AUTO!r} is the name that lets the router choose; pick another")
     if name in (served_model_name, AUTO):
         raise ConfigError(f"the small model's name {name!r} must differ from the target's ({served_model_name!r}) "
                           f"and from {AUTO!r}; pass --small-model-name")

@@ -116,8 +116,10 @@ def test_cascade_hands_over_after_the_small_models_first_tokens(models, hf):
     assert engine.leftovers() == {}
 
 
-def test_confidence_sends_whole_requests_to_the_target(models, hf):
-    engine = make_engine(models, policy="confidence", route_tail_tokens=8, route_small_fraction=0.5)
+@pytest.mark.parametrize("budget", [2048, 12])  # 12: prompts arrive in chunks; the tail stays whole
+def test_confidence_sends_whole_requests_to_the_target(models, hf, budget):
+    engine = make_engine(models, policy="confidence", route_tail_tokens=8, route_small_fraction=0.5,
+                         max_num_batched_tokens=budget)
     ps = prompts(12, seed=2)
     results = generate(engine, ps, greedy(6), model=AUTO)
     assert {r.model for r in results} == {SMALL, TARGET}
@@ -132,9 +134,11 @@ def test_confidence_sends_whole_requests_to_the_target(models, hf):
     assert engine.leftovers() == {}
 
 
-def test_gap_scores_both_models_and_hands_the_prompt_to_the_small_model(models, hf):
+@pytest.mark.parametrize("budget", [2048, 12])
+def test_gap_scores_both_models_and_hands_the_prompt_to_the_small_model(models, hf, budget):
     tail = 8
-    engine = make_engine(models, policy="gap", route_tail_tokens=tail, route_small_fraction=0.5)
+    engine = make_engine(models, policy="gap", route_tail_tokens=tail, route_small_fraction=0.5,
+                         max_num_batched_tokens=budget)
     ps = prompts(12, seed=8)
     results = generate(engine, ps, greedy(6), model=AUTO)
     assert {r.model for r in results} == {SMALL, TARGET}
@@ -144,7 +148,7 @@ def test_gap_scores_both_models_and_hands_the_prompt_to_the_small_model(models, 
         k = min(tail, len(p) - 1)
         diffs = [s - t for s, t in zip(s_lp[-k:], t_lp[-k:])]
         assert r.route.score == pytest.approx(sum(diffs) / k, abs=1e-4)
-        assert not r.route.handed_over
+        assert r.route.handed_over == (r.model == SMALL)
         first = hf_greedy(hf[0], p, 1)
         if r.model == TARGET:
             assert r.token_ids == hf_greedy(hf[0], p, 6)
@@ -181,9 +185,17 @@ def test_auto_without_a_policy_is_the_target(models, hf):
     assert r.model == TARGET and r.route is None
 
 
-def test_audit_equals_a_direct_teacher_forced_computation(models, hf):
+def test_a_prompt_with_nothing_to_score_goes_to_the_target(models, hf):
+    engine = make_engine(models, policy="confidence", route_small_fraction=1.0)
+    r = generate(engine, [[17]], greedy(3), model=AUTO)[0]
+    assert r.route.score is None and r.model == TARGET and r.token_ids == hf_greedy(hf[0], [17], 3)
+    assert len(engine.router.tracker) == 0
+
+
+@pytest.mark.parametrize("policy", ["random", "gap"])  # gap: the target sampled the first output token
+def test_audit_equals_a_direct_teacher_forced_computation(models, hf, policy):
     tail = 6
-    engine = make_engine(models, policy="random", route_small_fraction=1.0, route_audit_rate=1.0,
+    engine = make_engine(models, policy=policy, route_small_fraction=1.0, route_audit_rate=1.0,
                          route_tail_tokens=tail)
     ps = prompts(5, seed=5)
     results = generate(engine, ps, SamplingParams(max_tokens=7, temperature=0.8, seed=3, ignore_eos=True),
@@ -199,12 +211,13 @@ def test_audit_equals_a_direct_teacher_forced_computation(models, hf):
         s_lp, _ = hf_logprobs(hf[1], ids)
         n = len(p)
         k = min(tail, n - 1)
-        assert a.tail_tokens == k and a.output_tokens == len(r.token_ids)
+        first = n - 1 + (policy == "gap")  # the first output position the small model sampled, - 1
+        assert r.model == SMALL and a.tail_tokens == k and a.output_tokens == len(ids) - 1 - first
         assert a.tail_target_bits == pytest.approx(-sum(t_lp[n - 1 - k : n - 1]) / math.log(2), abs=1e-3)
         assert a.tail_small_bits == pytest.approx(-sum(s_lp[n - 1 - k : n - 1]) / math.log(2), abs=1e-3)
-        assert a.output_small_bits == pytest.approx(-sum(s_lp[n - 1 :]) / math.log(2), abs=1e-3)
-        assert a.output_target_bits == pytest.approx(-sum(t_lp[n - 1 :]) / math.log(2), abs=1e-3)
-        assert a.output_agreement == sum(t == x for t, x in zip(t_argmax[n - 1 :], r.token_ids))
+        assert a.output_small_bits == pytest.approx(-sum(s_lp[first:]) / math.log(2), abs=1e-3)
+        assert a.output_target_bits == pytest.approx(-sum(t_lp[first:]) / math.log(2), abs=1e-3)
+        assert a.output_agreement == sum(t == x for t, x in zip(t_argmax[first:], ids[first + 1 :]))
     summary = engine.audit_totals.summary()
     assert summary["num_audits"] == len(ps)
     assert engine.leftovers() == {}

@@ -91,10 +91,12 @@ class BlockManager:
         if not self.enable_prefix_caching or seq.prompt_logprobs is not None:
             return []  # (prompt logprobs need every prompt position computed)
         route = seq.route  # the router scores the prompt's last tokens: they must be computed
-        tail = route.tail_tokens if route is not None and route.wants_tail(seq.model) else 0
+        limit = seq.num_tokens - 1
+        if route is not None and (start := route.tail_start(seq.model, seq.num_prompt_tokens)) is not None:
+            limit = min(limit, start)
         hits, parent, root = [], None, CHAIN_ROOTS[seq.model]
         bs = self.block_size
-        for i in range(max(0, seq.num_tokens - 1 - tail) // bs):
+        for i in range(limit // bs):
             h = hash_block(parent, seq.token_ids[i * bs : (i + 1) * bs], root)
             block_id = self._cached.get(h)
             if block_id is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import itertools
+import uuid
 import time
 
 import torch
@@ -78,7 +79,7 @@ class LLMEngine:
         if seq.request_id in self._requests:
             raise InvalidRequest(f"request id {seq.request_id!r} is already in use")
         self._route_start(seq)
-        self.scheduler.add(seq, background=seq.route is not None and seq.route.policy == "audit")
+        self.scheduler.add(seq)
         seq.seq_id = next(self._seq_ids)
         self._requests[seq.request_id] = seq
 
@@ -87,7 +88,8 @@ class LLMEngine:
         small-served request the audit may sample keeps the small model's prompt-tail scores."""
         route, router = seq.route, self.router
         if route is not None and route.policy == AUTO:
-            if router is None or router.config.policy is None:
+            scoring = seq.params.prompt_logprobs is not None or seq.params.max_tokens == 0
+            if router is None or router.config.policy is None or scoring:  # scoring is the target's
                 seq.route, seq.model = None, TARGET
             else:
                 route.policy = router.config.policy
@@ -131,7 +133,9 @@ class LLMEngine:
                 target = SchedulerOutput([item for item in batch.scheduled if item.seq.model != SMALL])
                 batch.scheduled = target.scheduled + small
             # `gap` requests ending their prefill on the target: the small model computes the prompt beside it.
-            beside = [item for item in target.scheduled if item.num_tail_rows and item.seq.route.policy == "gap"]
+            beside = [item for item in target.scheduled
+                      if item.samples and item.seq.route is not None and item.seq.route.policy == "gap"
+                      and not item.seq.route.decided]
             if self.spec is not None:
                 self.spec.propose(target)
             # The target's plan goes out even when empty: workers learn which tables to drop and
@@ -141,7 +145,8 @@ class LLMEngine:
                 small_logits = self._run_small(small, beside)
                 logits = small_logits if logits is None else torch.cat([logits, small_logits])
             self.num_steps += 1
-            self.last_step_num_tokens = batch.num_tokens
+            self.last_step_num_tokens = batch.num_tokens + sum(item.seq.num_computed_tokens + item.num_new_tokens
+                                                               for item in beside)
             self.last_step_num_seqs = len(batch.scheduled)
             self._sample(batch, logits)
             to_target = self._route_before_update(small) if small else []
@@ -152,7 +157,9 @@ class LLMEngine:
             if small:
                 self._route_after_update(small, to_target)
             for seq in to_small:  # its blocks hold the small model's K/V of the prompt too
-                seq.model = SMALL
+                if not seq.is_finished:
+                    seq.route.handed_over, seq.route.output_offset = True, seq.num_output_tokens
+                    self.scheduler.continue_on(seq, SMALL)
         elif self.scheduler.num_tables_to_drop:
             self.driver.step(StepPlan(finished=self.scheduler.take_tables_to_drop()))
         outputs = self._emit(updated)
@@ -182,19 +189,23 @@ class LLMEngine:
             works.append(SeqWork(seq.seq_id, seq.token_ids[start : start + item.num_new_tokens], start,
                                  block_table=list(seq.block_table), sample=rows > 0, num_logits=rows))
         num_rows = sum(item.num_logit_rows for item in items)
+        tails = []
         for item in beside:
             seq = item.seq
-            end = seq.num_computed_tokens + item.num_new_tokens
-            works.append(SeqWork(seq.seq_id, seq.token_ids[:end], 0, block_table=list(seq.block_table),
-                                 num_logits=item.num_tail_rows + 1))
+            k = min(seq.route.tail_tokens, seq.num_prompt_tokens - 1)
+            tails.append(k)
+            works.append(SeqWork(seq.seq_id, seq.token_ids[: seq.num_prompt_tokens], 0,
+                                 block_table=list(seq.block_table), num_logits=k + 1))
         logits = self.small_runner.execute(StepPlan(works))
         self.small_runner.forget_block_tables()
         if logits is None:  # no row sampled
-            return torch.empty(0, self.vocab_size)
+            return torch.empty(0, self.vocab_size, device=self.small_runner.device)
         row = num_rows
-        for item in beside:
-            item.seq.route.tail_logprobs = score_tail(item, logits[row : row + item.num_tail_rows])
-            row += item.num_tail_rows + 1
+        for item, k in zip(beside, tails):
+            seq = item.seq
+            seq.route.tail_logprobs = token_logprob_rows(logits[row : row + k],
+                                                         seq.token_ids[seq.num_prompt_tokens - k : seq.num_prompt_tokens])
+            row += k + 1
         return logits[:num_rows]
 
     def _route_gap(self, beside: list[ScheduledSeq]) -> list[Sequence]:
@@ -229,7 +240,7 @@ class LLMEngine:
             if route is None or not item.tokens or self.router is None:
                 continue
             if self.router.after_tokens(route, seq.is_finished) == TARGET and not seq.is_finished:
-                route.handed_over = True
+                route.handed_over, route.tail_tokens = True, 0
                 self.scheduler.hand_over(seq, TARGET)
 
     def _sample(self, batch: SchedulerOutput, logits) -> None:
@@ -242,11 +253,7 @@ class LLMEngine:
             if item.scores_prompt:
                 item.prompt_logprobs = score_prompt(item, logits[start:row])
             if item.num_tail_rows:
-                route, lps = item.seq.route, score_tail(item, logits[start : row - 1])
-                if item.seq.model == SMALL:
-                    route.tail_logprobs = lps
-                else:
-                    route.target_tail_logprobs = lps
+                item.seq.route.tail_scored(item.seq.model).extend(score_tail(item, logits[start : start + item.num_tail_rows]))
             if not item.samples or item.seq.params.max_tokens == 0:
                 continue
             if item.proposal is None:
@@ -261,7 +268,8 @@ class LLMEngine:
             routed = [(i, item) for i, item in enumerate(plain) if item.seq.model == SMALL and item.seq.route is not None]
             if routed:  # the small model's raw log-probability of each token it emits
                 rows = logits[[plain_rows[i] for i, _ in routed]].log_softmax(dim=-1)
-                chosen = rows.gather(-1, torch.tensor([[tokens[i]] for i, _ in routed])).squeeze(-1).tolist()
+                index = torch.tensor([[tokens[i]] for i, _ in routed], device=rows.device)
+                chosen = rows.gather(-1, index).squeeze(-1).tolist()
                 for (_, item), lp in zip(routed, chosen):
                     item.seq.route.output_logprobs.append(lp)
         if speculating:
@@ -273,7 +281,7 @@ class LLMEngine:
         seqs, self._aborted = self._aborted + updated, []
         outputs = []
         for seq in seqs:
-            if seq.route is not None and seq.route.policy == "audit":  # internal: never emitted
+            if seq.background:  # internal (a routing audit): never emitted
                 if seq.is_finished:
                     del self._requests[seq.request_id]
                     self._finish_audit(seq)
@@ -317,13 +325,15 @@ class LLMEngine:
         """Queue the target's teacher-forced scoring of a small-served request's prompt + output,
         in the background (admitted only while nothing waits). Its result feeds `audit_totals`."""
         route = seq.route
-        num_out = min(len(route.output_logprobs), seq.num_output_tokens)
-        ids = seq.token_ids[: seq.num_prompt_tokens + num_out]
-        if len(ids) < 2 or seq.num_tokens > self.scheduler.config.max_model_len:
+        num_out = min(len(route.output_logprobs), seq.num_output_tokens - route.output_offset)
+        ids = seq.token_ids[: seq.num_prompt_tokens + route.output_offset + num_out]
+        if len(ids) < 2:
             return
-        audit = Sequence(-1, f"audit-{seq.request_id}", ids, SamplingParams(max_tokens=0, prompt_logprobs=1))
+        audit = Sequence(-1, f"audit-{uuid.uuid4().hex}", ids, SamplingParams(max_tokens=0, prompt_logprobs=1),
+                         background=True)
         audit.route = RouteState("audit", audit=AuditInfo(seq.request_id, seq.num_prompt_tokens,
-                                                          list(route.tail_logprobs), route.output_logprobs[:num_out]))
+                                                          list(route.tail_logprobs), route.output_logprobs[:num_out],
+                                                          route.output_offset))
         try:
             self.add_sequence(audit)
         except InvalidRequest:  # the id is in use or it cannot fit: skip this audit
@@ -409,10 +419,15 @@ def score_prompt(item: ScheduledSeq, rows) -> list[TokenLogprobs]:
 
 
 def score_tail(item: ScheduledSeq, rows) -> list[float]:
-    """Raw log-probabilities of the prompt's last `num_tail_rows` tokens, from the rows before a
-    prefill's sampling row: the row at position p scores token p + 1."""
+    """Raw log-probabilities of the prompt tokens a chunk's `num_tail_rows` leading logit rows
+    score: they sit at the chunk's last positions before the prompt's last (position p scores
+    token p + 1)."""
     seq = item.seq
-    end = seq.num_computed_tokens + item.num_new_tokens
-    targets = seq.token_ids[end - item.num_tail_rows : end]
+    last = min(seq.num_computed_tokens + item.num_new_tokens, seq.num_prompt_tokens - 1)  # past the last row
+    return token_logprob_rows(rows, seq.token_ids[last - item.num_tail_rows + 1 : last + 1])
+
+
+def token_logprob_rows(rows, targets: list[int]) -> list[float]:
+    """Row i's raw log-probability of targets[i]."""
     logp = rows.log_softmax(dim=-1)
     return logp.gather(-1, torch.tensor(targets, dtype=torch.long, device=logp.device).unsqueeze(-1)).squeeze(-1).tolist()

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tpserve.engine.block_manager import BlockManager
-from tpserve.engine.sequence import Sequence, SeqStatus
+from tpserve.engine.sequence import TARGET, Sequence, SeqStatus
 from tpserve.engine.step import SeqWork, StepPlan
 from tpserve.errors import ConfigError, InvalidRequest
 
@@ -73,7 +73,7 @@ class ScheduledSeq:
     samples: bool = field(init=False)  # the step reaches the end of the sequence's known tokens
     decoding: bool = field(init=False)  # ... and samples a decoding sequence's next token
     scores_prompt: bool = field(init=False)  # logits at every position of this prompt chunk
-    num_tail_rows: int = field(init=False)  # prompt positions before the first sample the router scores
+    num_tail_rows: int = field(init=False)  # leading logit rows that score the prompt's last tokens (router)
     proposal: Any = None  # spec_decode.Proposal, set before the forward
     tokens: list[int] | tuple = ()  # accepted proposals + one sampled token (a list once sampled)
     logprobs: list | tuple = ()
@@ -86,10 +86,12 @@ class ScheduledSeq:
         self.decoding = self.samples and seq.is_decoding
         self.scores_prompt = (seq.prompt_logprobs is not None
                               and len(seq.prompt_logprobs) < min(end, seq.num_prompt_tokens - 1))
+        self.num_tail_rows = 0
         route = seq.route
-        wants_tail = (self.samples and not self.scores_prompt and not seq.is_decoding and route is not None
-                      and route.wants_tail(seq.model))
-        self.num_tail_rows = min(route.tail_tokens, self.num_new_tokens - 1) if wants_tail else 0
+        if route is not None and not self.scores_prompt and not seq.is_decoding:
+            first = route.tail_start(seq.model, seq.num_prompt_tokens)
+            if first is not None:  # the chunk's positions in [first, prompt - 1), always its last ones
+                self.num_tail_rows = max(0, min(end, seq.num_prompt_tokens - 1) - max(first, seq.num_computed_tokens))
 
     @property
     def num_logit_rows(self) -> int:
@@ -98,7 +100,7 @@ class ScheduledSeq:
         if self.scores_prompt:
             return self.num_new_tokens
         if not self.samples:
-            return 0
+            return self.num_tail_rows
         return 1 + self.num_tail_rows + (len(self.proposal.tokens) if self.proposal is not None else 0)
 
 
@@ -133,11 +135,12 @@ class Scheduler:
         bm = self.block_manager
         check_feasible(seq, self.config.max_model_len, bm.num_blocks, bm.block_size)
 
-    def add(self, seq: Sequence, background: bool = False) -> None:
-        """Queue a sequence; a background one is admitted only while no other sequence waits."""
+    def add(self, seq: Sequence) -> None:
+        """Queue a sequence; a background one (`seq.background`) is admitted only while no other
+        sequence waits."""
         self.check_feasible(seq)
         seq.status = SeqStatus.WAITING
-        (self.background if background else self.waiting).append(seq)
+        (self.background if seq.background else self.waiting).append(seq)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running or self.background)
@@ -153,7 +156,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = self._chunk(seq, budget)
             item = ScheduledSeq(seq, num_new)
             item.num_lookahead = lookahead_of(seq) if item.decoding else 0
             while not bm.ensure_slots(seq, seq.num_computed_tokens + num_new + item.num_lookahead):
@@ -181,7 +184,7 @@ class Scheduler:
             if not bm.admit(seq, budget):
                 break
             queue.popleft()
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = self._chunk(seq, budget)
             seq.status = SeqStatus.RUNNING
             if seq.times.first_scheduled is None:
                 seq.times.first_scheduled = time.monotonic()
@@ -189,6 +192,21 @@ class Scheduler:
             out.scheduled.append(ScheduledSeq(seq, num_new))
             budget -= num_new
         return out
+
+    @staticmethod
+    def _chunk(seq: Sequence, budget: int) -> int:
+        """Tokens to compute this step: what is left, within the budget."""
+        return min(seq.num_tokens - seq.num_computed_tokens, budget)
+
+    def continue_on(self, seq: Sequence, model: str) -> None:
+        """Switch a running sequence to the other model without recomputing: its blocks already hold
+        that model's K/V (the gap policy computed the prompt with both). The workers drop its
+        table if the small model takes over."""
+        if seq.num_sent_blocks is not None and model != TARGET:
+            self._tables_to_drop.append(seq.seq_id)
+            seq.num_sent_blocks = None
+        seq.model = model
+        self.num_handovers += 1
 
     def plan(self, batch: SchedulerOutput) -> StepPlan:
         """The step as every rank receives it: a sequence's whole block table the first time the
@@ -325,7 +343,7 @@ class Scheduler:
         seq.num_computed_tokens = 0
         seq.num_cached_tokens = 0
         seq.status = SeqStatus.WAITING
-        self.waiting.appendleft(seq)
+        (self.background if seq.background else self.waiting).appendleft(seq)
 
     def _release(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

@@ -104,6 +104,7 @@ class Sequence:
     model: str = TARGET  # TARGET, or SMALL: served by the small model on rank 0 (tpserve.route)
     cache_model: str = TARGET  # whose prefix-cache chains its blocks join (its model when admitted)
     route: Any = None  # tpserve.route.RouteState: the router's state of an `auto` request, or an audit's
+    background: bool = False  # internal work (a routing audit): admitted only when nothing waits, never emitted
 
     def __post_init__(self) -> None:
         if not self.token_ids:

@@ -150,7 +150,7 @@ def build_runtime(args: EngineArgs, tp: TPGroup) -> tuple[ModelRunner, LLMEngine
     )
     small_dir = resolve_small_dir(args)
     if small_dir is not None:
-        engine.small_runner = small_model_runner(small_dir, args, model_config, runner)
+        engine.small_runner = small_model_runner(small_dir, args, model_config, runner, max_model_len)
         engine.router = build_router(args)
     engine.spec = build_spec_decoder(args, model_config, runner, engine, max_model_len)
     return runner, engine
@@ -170,7 +170,8 @@ def resolve_small_dir(args: EngineArgs) -> str | None:
     raise ConfigError("--route-policy needs --small-model DIR (only the bundled target has a default small model)")
 
 
-def small_model_runner(model_dir: str, args: EngineArgs, model_config: ModelConfig, runner: ModelRunner) -> ModelRunner:
+def small_model_runner(model_dir: str, args: EngineArgs, model_config: ModelConfig, runner: ModelRunner,
+                       max_model_len: int) -> ModelRunner:
     """An unsharded runner on rank 0 whose K/V cache has the target's block count and size, so
     that the target's block tables index it (the draft model's runner is one)."""
     cfg = ModelConfig.from_dir(model_dir, args.dtype if args.dtype != "auto" else model_config.dtype)
@@ -179,6 +180,9 @@ def small_model_runner(model_dir: str, args: EngineArgs, model_config: ModelConf
             f"model {model_dir} has vocab_size={cfg.vocab_size} but the target has {model_config.vocab_size}; "
             f"it must share the target's vocabulary"
         )
+    if cfg.max_position_embeddings < max_model_len:
+        raise ConfigError(f"model {model_dir} has max_position_embeddings={cfg.max_position_embeddings}, below the "
+                          f"served max_model_len={max_model_len}; pass --max-model-len {cfg.max_position_embeddings}")
     cache = CacheConfig(block_size=runner.block_size, num_blocks=runner.num_blocks)
     return ModelRunner(cfg, cache, TPGroup(device=runner.device), model_dir,
                        max_num_batched_tokens=args.max_num_batched_tokens)
@@ -232,7 +236,7 @@ def build_spec_decoder(args: EngineArgs, model_config: ModelConfig, runner: Mode
         if small is not None and Path(resolve_small_dir(args)).resolve() == Path(draft_dir).resolve():
             draft_runner = small
         else:
-            draft_runner = small_model_runner(draft_dir, args, model_config, runner)
+            draft_runner = small_model_runner(draft_dir, args, model_config, runner, max_model_len)
         proposer = DraftProposer(draft_runner, engine.eos_token_ids, engine.sampler.generator_for)
     controller = SpecController(args.num_speculative_tokens, adaptive=args.spec_policy == "adaptive",
                                 free_proposals=proposer.free_proposals)

@@ -45,12 +45,12 @@ def audit_result(info: AuditInfo, token_ids: list[int], target_logprobs: list, b
     """Compare from the audit sequence's prompt logprobs (`target_logprobs[i]` scores token i + 1,
     a TokenLogprobs with the target's top-1 alternative) and the small model's logprobs kept on
     `info`. `bytes_of(ids)` is the UTF-8 length of those tokens' text."""
-    n_prompt = info.num_prompt_tokens
+    n_prompt, first = info.num_prompt_tokens, info.num_prompt_tokens + info.output_offset
     tail, out = info.tail_logprobs, info.output_logprobs
     tail_ids = token_ids[n_prompt - len(tail) : n_prompt]
-    out_ids = token_ids[n_prompt : n_prompt + len(out)]
+    out_ids = token_ids[first : first + len(out)]
     target_tail = [target_logprobs[p - 1].logprob for p in range(n_prompt - len(tail), n_prompt)]
-    target_out = [target_logprobs[p - 1] for p in range(n_prompt, n_prompt + len(out))]
+    target_out = [target_logprobs[p - 1] for p in range(first, first + len(out))]
     agree = sum(1 for lp, tok in zip(target_out, out_ids) if lp.top and lp.top[0][0] == tok)
     return AuditResult(
         request_id=info.request_id, tail_tokens=len(tail), tail_bytes=bytes_of(tail_ids) if tail_ids else 0,

@@ -47,9 +47,10 @@ def read_prompts(path: str) -> list:
     return prompts
 
 
-def score_prompts(engine, prompts: list, config) -> list[float]:
+def score_prompts(engine, prompts: list, config) -> list[float | None]:
     """Each prompt's score under `config`'s policy, computed by `engine` as a server would (the
-    threshold is -inf, so every request stays on the small model until it is scored)."""
+    threshold is -inf, so every request stays on the small model until it is scored); None for a
+    prompt with no score (one token: nothing to score)."""
     from dataclasses import replace
 
     from tpserve.engine.sampling_params import SamplingParams
@@ -63,7 +64,7 @@ def score_prompts(engine, prompts: list, config) -> list[float]:
         results = generate(engine, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), model=AUTO)
     finally:
         engine.router = saved
-    return [r.route.score for r in results]
+    return [r.route.score if r.route is not None else None for r in results]
 
 
 def quantiles(scores: list[float]) -> list[float]:
@@ -124,7 +125,7 @@ def main(argv=None) -> dict:
     for policy in policies:
         config = RouteConfig(policy=policy, aggregate_quantile=args.route_quantile, tail_tokens=args.route_tail_tokens,
                              cascade_tokens=args.route_cascade_tokens)
-        scores[policy] = score_prompts(engine, prompts, config)
+        scores[policy] = [s for s in score_prompts(engine, prompts, config) if s is not None]
         print(f"{policy}: {len(prompts)} prompts scored, median {quantiles(scores[policy])[50]:.4f}", file=sys.stderr)
     out = calibration(scores, config, args.model, args.small_model)
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")

@@ -40,9 +40,9 @@ SMALL = "small"
 AUTO = "auto"  # the name a request gives to let the router choose
 
 
-def quantile(values: list[float], q: float) -> float:
+def quantile(values: list[float], q: float, presorted: bool = False) -> float:
     """The q-quantile of `values` with linear interpolation (numpy's default)."""
-    xs = sorted(values)
+    xs = values if presorted else sorted(values)
     if not xs:
         raise ValueError("quantile of no values")
     pos = q * (len(xs) - 1)
@@ -89,17 +89,24 @@ class RouteState:
     score: float | None = None
     threshold: float | None = None
     decided: bool = False
-    handed_over: bool = False
+    handed_over: bool = False  # moved to the other model mid-request
+    output_offset: int = 0  # output tokens another model produced before the small model's first
     tail_logprobs: list[float] = field(default_factory=list)  # small model's, last prompt tokens
     target_tail_logprobs: list[float] = field(default_factory=list)  # the target's, same tokens (gap)
     output_logprobs: list[float] = field(default_factory=list)  # small model's, of its own tokens
     audit: AuditInfo | None = None  # on an audit sequence: what it compares
 
-    def wants_tail(self, model: str) -> bool:
-        """Whether `model`'s prefill still has to score the prompt's last tokens for the router."""
-        if self.tail_tokens <= 0:
-            return False
-        return not (self.target_tail_logprobs if model == TARGET else self.tail_logprobs)
+    def tail_scored(self, model: str) -> list[float]:
+        """`model`'s log-probabilities of the prompt's last tokens so far (filled chunk by chunk)."""
+        return self.target_tail_logprobs if model == TARGET else self.tail_logprobs
+
+    def tail_start(self, model: str, num_prompt_tokens: int) -> int | None:
+        """The first prompt position whose logits `model` still has to return for the router (the
+        logits at position p score token p + 1; the tail's last scored token is the prompt's last),
+        or None when nothing is left to score."""
+        k = min(self.tail_tokens, num_prompt_tokens - 1)
+        done = len(self.tail_scored(model))
+        return None if done >= k else num_prompt_tokens - 1 - k + done
 
 
 @dataclass(slots=True)
@@ -110,6 +117,7 @@ class AuditInfo:
     num_prompt_tokens: int
     tail_logprobs: list[float]
     output_logprobs: list[float]
+    output_offset: int = 0  # output tokens before the first of `output_logprobs`
 
 
 class ScoreTracker:
@@ -143,7 +151,7 @@ class ScoreTracker:
             return float("inf")
         if fraction >= 1.0:
             return float("-inf")
-        return quantile(self._sorted, 1.0 - fraction)
+        return quantile(self._sorted, 1.0 - fraction, presorted=True)
 
 
 class Router:
@@ -154,7 +162,7 @@ class Router:
     def __init__(self, config: RouteConfig, calibration: dict | None = None) -> None:
         self.config = config
         seed = []
-        if calibration is not None and config.policy is not None:
+        if calibration is not None and config.policy not in (None, "random"):  # random needs none
             check_calibration(calibration, config)
             seed = calibration["quantiles"].get(config.policy, [])
         self.tracker = ScoreTracker(config.window, [float(s) for s in seed])
@@ -187,14 +195,15 @@ class Router:
 
     def after_prefill(self, state: RouteState) -> str | None:
         """Confidence and gap: the decision once the prompt's tail is scored (None for other
-        policies or a decided request)."""
+        policies or a decided request). A prompt with no scored token (a one-token prompt) has no
+        score: it goes to the target and the tracker does not see it."""
         if state.decided or state.policy not in ("confidence", "gap"):
             return None
         if state.policy == "gap":
             diffs = [s - t for s, t in zip(state.tail_logprobs, state.target_tail_logprobs)]
-            return self._decide(state, sum(diffs) / len(diffs) if diffs else 0.0)
+            return self._decide(state, sum(diffs) / len(diffs) if diffs else None)
         lps = state.tail_logprobs
-        return self._decide(state, quantile(lps, self.config.aggregate_quantile) if lps else 0.0)
+        return self._decide(state, quantile(lps, self.config.aggregate_quantile) if lps else None)
 
     def after_tokens(self, state: RouteState, finished: bool) -> str | None:
         """Cascade: the decision once the small model has generated `cascade_tokens` tokens (or
@@ -206,10 +215,11 @@ class Router:
             return None
         return self._decide(state, quantile(lps, self.config.aggregate_quantile) if lps else 0.0)
 
-    def _decide(self, state: RouteState, score: float) -> str:
-        self.tracker.add(score)
+    def _decide(self, state: RouteState, score: float | None) -> str:
+        if score is not None:
+            self.tracker.add(score)
         state.score, state.threshold, state.decided = score, self.threshold, True
-        to_small = score >= state.threshold
+        to_small = score is not None and score >= state.threshold
         if to_small:
             self.num_to_small += 1
         else:
@@ -222,8 +232,9 @@ class Router:
 
 
 # The settings a policy's scores depend on: a calibration made with other values does not apply.
-CALIBRATED_SETTINGS = {"aggregate_quantile": "--route-quantile", "tail_tokens": "--route-tail-tokens",
-                       "cascade_tokens": "--route-cascade-tokens"}
+CALIBRATED_SETTINGS = {"aggregate_quantile": ("--route-quantile", ("confidence", "cascade")),
+                       "tail_tokens": ("--route-tail-tokens", ("confidence", "gap")),
+                       "cascade_tokens": ("--route-cascade-tokens", ("cascade",))}
 
 
 def load_calibration(path: str) -> dict:
@@ -239,9 +250,9 @@ def load_calibration(path: str) -> dict:
 
 
 def check_calibration(calibration: dict, config: RouteConfig) -> None:
-    for key, flag in CALIBRATED_SETTINGS.items():
+    for key, (flag, policies) in CALIBRATED_SETTINGS.items():
         made_with = calibration.get(key)
-        if made_with is not None and made_with != getattr(config, key):
+        if config.policy in policies and made_with is not None and made_with != getattr(config, key):
             raise ConfigError(f"the route calibration was made with {flag} {made_with}; this server uses "
                               f"{getattr(config, key)} (calibrate again or pass the same value)")
     if config.policy not in calibration["quantiles"]:

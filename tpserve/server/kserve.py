@@ -22,6 +22,7 @@ from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.errors import InvalidRequest, RequestError
+from tpserve.route.router import AUTO
 from tpserve.server.convert import abort_with, grpc_status
 from tpserve.server.core import ServingCore
 from tpserve.server.outputs import OutputAccumulator
@@ -130,7 +131,7 @@ class KServeServicer(kpb_grpc.GRPCInferenceServiceServicer):
         return kpb.ServerReadyResponse(ready=self.core.ready())
 
     async def ModelReady(self, request, context):
-        return kpb.ModelReadyResponse(ready=request.name in self.core.model_names and self.core.ready())
+        return kpb.ModelReadyResponse(ready=(request.name in self.core.model_names or request.name == AUTO) and self.core.ready())
 
     async def ServerMetadata(self, request, context):
         return kpb.ServerMetadataResponse(name="tpserve", version="0.1.0", extensions=[])
