@@ -185,6 +185,9 @@ class _EngineCollector:
                    audit.get("target_bits_per_byte")),
                   ("route_audit_output_greedy_agreement", "Audit: fraction of the small model's output tokens "
                    "that are the target's most likely token.", audit.get("output_greedy_agreement"))]
+        if r.small_fraction is not None:
+            gauges.append(("route_small_fraction", "The fraction of `auto` traffic the router sends to the small "
+                           "model now.", r.small_fraction))
         if r.threshold is not None and math.isfinite(r.threshold):
             gauges.append(("route_threshold", "The router's current score threshold.", r.threshold))
         for name, doc, value in gauges:

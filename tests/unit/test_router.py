@@ -125,3 +125,16 @@ def test_audit_result_compares_the_same_positions():
     s = totals.summary()
     assert s["quality_gap"] == pytest.approx((3.0 - 0.7) / 0.7)
     assert s["output_greedy_agreement"] == 0.5
+
+
+def test_min_quality_lowers_the_fraction_while_the_audit_is_below_the_floor():
+    r = Router(RouteConfig(policy="length", small_fraction=0.5, audit_rate=0.5, min_quality=0.9))
+    for _ in range(40):  # the small model's bits are 20 % above the target's: quality 0.8
+        r.on_audit(small_bits=12.0, target_bits=10.0)
+    low = r.fraction
+    assert low < 0.5 * 0.9 ** 20
+    for _ in range(200):  # the audits recover: the fraction climbs back to the asked one, no higher
+        r.on_audit(small_bits=10.2, target_bits=10.0)
+    assert r.fraction == 0.5
+    with pytest.raises(ConfigError, match="--route-audit-rate"):
+        RouteConfig(policy="length", min_quality=0.9)

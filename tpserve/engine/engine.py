@@ -349,6 +349,8 @@ class LLMEngine:
             self.audit_totals = AuditTotals()
         self.audit_totals.add(result)
         self.recent_audits.append(result)
+        if self.router is not None:
+            self.router.on_audit(result.tail_small_bits, result.tail_target_bits)
 
     def _on_finish(self, seq: Sequence) -> None:
         """Run by Scheduler.finish, the one way a request ends."""
@@ -377,6 +379,7 @@ class LLMEngine:
         return RouteStats(
             policy=r.config.policy if r is not None else None,
             threshold=r.threshold if r is not None and r.config.policy is not None else None,
+            small_fraction=r.fraction if r is not None and r.config.policy is not None else None,
             num_auto=r.num_auto if r is not None else 0, num_to_small=r.num_to_small if r is not None else 0,
             num_to_target=r.num_to_target if r is not None else 0, num_handovers=self.scheduler.num_handovers,
             small_requests=self.num_small_requests, small_generation_tokens=self.num_small_generation_tokens,

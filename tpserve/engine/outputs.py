@@ -48,6 +48,7 @@ class RouteStats:
 
     policy: str | None
     threshold: float | None
+    small_fraction: float | None  # the fraction in force (below the asked one under --route-min-quality)
     num_auto: int
     num_to_small: int
     num_to_target: int

@@ -48,6 +48,7 @@ class EngineArgs:
     route_cascade_tokens: int = 8
     route_window: int = 1000
     route_audit_rate: float = 0.0
+    route_min_quality: float | None = None
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -94,6 +95,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--route-window", type=int, default=1000, help="recent scores the fraction is tracked over")
     r.add_argument("--route-audit-rate", type=float, default=0.0,
                    help="fraction of small-served requests the target scores again (the online quality audit)")
+    r.add_argument("--route-min-quality", type=float, default=None,
+                   help="lower the fraction sent to the small model while the audit's quality (1 - the relative "
+                        "gap in bits on prompts) is below this floor")
 
 
 def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
@@ -111,7 +115,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         small_model=ns.small_model, route_policy=ns.route_policy, route_small_fraction=ns.route_small_fraction,
         route_threshold=ns.route_threshold, route_calibration=ns.route_calibration, route_quantile=ns.route_quantile,
         route_tail_tokens=ns.route_tail_tokens, route_cascade_tokens=ns.route_cascade_tokens,
-        route_window=ns.route_window, route_audit_rate=ns.route_audit_rate,
+        route_window=ns.route_window, route_audit_rate=ns.route_audit_rate, route_min_quality=ns.route_min_quality,
     )
 
 
@@ -194,7 +198,8 @@ def build_router(args: EngineArgs):
     config = RouteConfig(policy=args.route_policy, small_fraction=args.route_small_fraction,
                          threshold=args.route_threshold, aggregate_quantile=args.route_quantile,
                          tail_tokens=args.route_tail_tokens, cascade_tokens=args.route_cascade_tokens,
-                         window=args.route_window, audit_rate=args.route_audit_rate, seed=args.seed)
+                         window=args.route_window, audit_rate=args.route_audit_rate,
+                         min_quality=args.route_min_quality, seed=args.seed)
     calibration = load_calibration(args.route_calibration) if args.route_calibration else None
     return Router(config, calibration)
 

@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 from tpserve.errors import ConfigError
 
 POLICIES = ("random", "length", "confidence", "cascade", "gap")
+AUDIT_WINDOW = 50  # audits the quality floor is checked over
+AUDIT_MIN_SAMPLES = 10
 TARGET = "target"  # the models a request can be served by (Sequence.model)
 SMALL = "small"
 AUTO = "auto"  # the name a request gives to let the router choose
@@ -61,6 +63,7 @@ class RouteConfig:
     cascade_tokens: int = 8  # tokens the small model generates before the cascade decides
     window: int = 1000  # scores the online quantile tracks
     audit_rate: float = 0.0  # fraction of small-served requests the target scores again
+    min_quality: float | None = None  # hold the audit's 1 - quality gap above this by lowering the fraction
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -78,6 +81,12 @@ class RouteConfig:
             raise ConfigError(f"--route-window {self.window} must be >= 10")
         if not 0.0 <= self.audit_rate <= 1.0:
             raise ConfigError(f"--route-audit-rate {self.audit_rate} must be in [0, 1]")
+        if self.min_quality is not None:
+            if not 0.0 < self.min_quality <= 1.0:
+                raise ConfigError(f"--route-min-quality {self.min_quality} must be in (0, 1]")
+            if self.audit_rate <= 0.0 or self.threshold is not None:
+                raise ConfigError("--route-min-quality adapts the fraction from the audit: it needs "
+                                  "--route-audit-rate > 0 and --route-small-fraction (not --route-threshold)")
 
 
 @dataclass(slots=True)
@@ -171,6 +180,8 @@ class Router:
         self.num_auto = 0
         self.num_to_small = 0
         self.num_to_target = 0
+        self.fraction = config.small_fraction  # the fraction in force (lowered by --route-min-quality)
+        self._recent_audits: deque[tuple[float, float]] = deque(maxlen=AUDIT_WINDOW)  # (small, target) bits
 
     @property
     def threshold(self) -> float:
@@ -178,8 +189,8 @@ class Router:
         if c.threshold is not None:
             return c.threshold
         if c.policy == "random":  # the score is uniform on [0, 1): the fraction is exact
-            return 1.0 - c.small_fraction
-        return self.tracker.threshold(c.small_fraction)
+            return 1.0 - self.fraction
+        return self.tracker.threshold(self.fraction)
 
     def start(self, state: RouteState, num_prompt_tokens: int) -> str | None:
         """At submission: the model an `auto` request starts on ('small' or 'target'), decided for
@@ -225,6 +236,22 @@ class Router:
         else:
             self.num_to_target += 1
         return SMALL if to_small else TARGET
+
+    def on_audit(self, small_bits: float, target_bits: float) -> None:
+        """An audited request's bits on its prompt's tail under each model. With --route-min-quality,
+        the fraction in force steps down while the recent audits' quality (1 - relative gap) is
+        below the floor, and back up towards --route-small-fraction while it is above."""
+        self._recent_audits.append((small_bits, target_bits))
+        floor = self.config.min_quality
+        if floor is None or len(self._recent_audits) < AUDIT_MIN_SAMPLES:
+            return
+        small = sum(s for s, _ in self._recent_audits)
+        target = sum(t for _, t in self._recent_audits)
+        quality = 1.0 - (small - target) / target if target > 0 else 1.0
+        if quality < floor:
+            self.fraction *= 0.9
+        else:
+            self.fraction = min(self.config.small_fraction, self.fraction * 1.05 + 0.001)
 
     def audits(self) -> bool:
         """Whether this small-served request is audited (a seeded draw at the audit rate)."""

@@ -120,6 +120,7 @@ def server_info_to_proto(info: ServerInfo, small_model_name: str | None = None) 
     if r is not None:
         msg.routing.CopyFrom(pb.RoutingStats(
             small_model_name=small_model_name or "", policy=r.policy or "", threshold=r.threshold,
+            small_fraction=r.small_fraction,
             num_auto_requests=r.num_auto, num_to_small=r.num_to_small, num_to_target=r.num_to_target,
             num_handovers=r.num_handovers, small_requests=r.small_requests,
             small_generation_tokens=r.small_generation_tokens, audit=pb.RouteAudit(**r.audit)))

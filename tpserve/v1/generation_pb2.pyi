@@ -257,7 +257,7 @@ class GetServerInfoResponse(_message.Message):
     def __init__(self, num_waiting_requests: _Optional[int] = ..., num_running_requests: _Optional[int] = ..., kv_blocks_free: _Optional[int] = ..., kv_blocks_cached: _Optional[int] = ..., kv_blocks_total: _Optional[int] = ..., prefix_cache_hit_rate: _Optional[float] = ..., uptime_s: _Optional[float] = ..., kv_blocks_in_use: _Optional[int] = ..., block_size: _Optional[int] = ..., draining: _Optional[bool] = ..., num_finished_requests: _Optional[int] = ..., speculation: _Optional[_Union[SpeculationStats, _Mapping]] = ..., routing: _Optional[_Union[RoutingStats, _Mapping]] = ...) -> None: ...
 
 class RoutingStats(_message.Message):
-    __slots__ = ("small_model_name", "policy", "threshold", "num_auto_requests", "num_to_small", "num_to_target", "num_handovers", "small_requests", "small_generation_tokens", "audit")
+    __slots__ = ("small_model_name", "policy", "threshold", "num_auto_requests", "num_to_small", "num_to_target", "num_handovers", "small_requests", "small_generation_tokens", "audit", "small_fraction")
     SMALL_MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
@@ -268,6 +268,7 @@ class RoutingStats(_message.Message):
     SMALL_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     SMALL_GENERATION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     AUDIT_FIELD_NUMBER: _ClassVar[int]
+    SMALL_FRACTION_FIELD_NUMBER: _ClassVar[int]
     small_model_name: str
     policy: str
     threshold: float
@@ -278,7 +279,8 @@ class RoutingStats(_message.Message):
     small_requests: int
     small_generation_tokens: int
     audit: RouteAudit
-    def __init__(self, small_model_name: _Optional[str] = ..., policy: _Optional[str] = ..., threshold: _Optional[float] = ..., num_auto_requests: _Optional[int] = ..., num_to_small: _Optional[int] = ..., num_to_target: _Optional[int] = ..., num_handovers: _Optional[int] = ..., small_requests: _Optional[int] = ..., small_generation_tokens: _Optional[int] = ..., audit: _Optional[_Union[RouteAudit, _Mapping]] = ...) -> None: ...
+    small_fraction: float
+    def __init__(self, small_model_name: _Optional[str] = ..., policy: _Optional[str] = ..., threshold: _Optional[float] = ..., num_auto_requests: _Optional[int] = ..., num_to_small: _Optional[int] = ..., num_to_target: _Optional[int] = ..., num_handovers: _Optional[int] = ..., small_requests: _Optional[int] = ..., small_generation_tokens: _Optional[int] = ..., audit: _Optional[_Union[RouteAudit, _Mapping]] = ..., small_fraction: _Optional[float] = ...) -> None: ...
 
 class RouteAudit(_message.Message):
     __slots__ = ("num_audits", "small_bits_per_byte", "target_bits_per_byte", "quality_gap", "output_target_bits_per_byte", "output_greedy_agreement")
