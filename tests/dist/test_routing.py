@@ -16,6 +16,7 @@ from tests.tiny_models import build_tiny_model, load_hf
 from tpserve.distributed import TPGroup
 from tpserve.engine.sampling_params import SamplingParams
 from tpserve.engine.setup import EngineArgs, build_runtime
+from tpserve.route.audit import audit_window
 from tpserve.route.router import AUTO, SMALL, TARGET
 from tpserve.server.offline import generate
 from tpserve.server.requests import RequestFactory
@@ -194,10 +195,9 @@ def test_a_prompt_with_nothing_to_score_goes_to_the_target(models, hf):
 
 @pytest.mark.parametrize("policy", ["random", "gap"])  # gap: the target sampled the first output token
 def test_audit_equals_a_direct_teacher_forced_computation(models, hf, policy):
-    tail = 6
-    engine = make_engine(models, policy=policy, route_small_fraction=1.0, route_audit_rate=1.0,
-                         route_tail_tokens=tail)
+    engine = make_engine(models, policy=policy, route_small_fraction=1.0, route_audit_rate=1.0, route_tail_tokens=6)
     ps = prompts(5, seed=5)
+    ps[0] = ps[0] * 4  # long enough for a window before the tail
     results = generate(engine, ps, SamplingParams(max_tokens=7, temperature=0.8, seed=3, ignore_eos=True),
                        model=AUTO)
     while engine.has_work():  # the audits run in the background once nothing waits
@@ -210,16 +210,16 @@ def test_audit_equals_a_direct_teacher_forced_computation(models, hf, policy):
         t_lp, t_argmax = hf_logprobs(hf[0], ids)
         s_lp, _ = hf_logprobs(hf[1], ids)
         n = len(p)
-        k = min(tail, n - 1)
-        first = n - 1 + (policy == "gap")  # the first output position the small model sampled, - 1
-        assert r.model == SMALL and a.tail_tokens == k and a.output_tokens == len(ids) - 1 - first
-        assert a.tail_target_bits == pytest.approx(-sum(t_lp[n - 1 - k : n - 1]) / math.log(2), abs=1e-3)
-        assert a.tail_small_bits == pytest.approx(-sum(s_lp[n - 1 - k : n - 1]) / math.log(2), abs=1e-3)
+        start, end = audit_window(n, 6)
+        first = n - 1 + (policy == "gap")  # the position before the small model's first output token
+        assert r.model == SMALL and a.window_tokens == end - start and a.output_tokens == len(ids) - 1 - first
+        assert a.window_target_bits == pytest.approx(-sum(t_lp[start - 1 : end - 1]) / math.log(2), abs=1e-3)
+        assert a.window_small_bits == pytest.approx(-sum(s_lp[start - 1 : end - 1]) / math.log(2), abs=1e-3)
         assert a.output_small_bits == pytest.approx(-sum(s_lp[first:]) / math.log(2), abs=1e-3)
         assert a.output_target_bits == pytest.approx(-sum(t_lp[first:]) / math.log(2), abs=1e-3)
         assert a.output_agreement == sum(t == x for t, x in zip(t_argmax[first:], ids[first + 1 :]))
-    summary = engine.audit_totals.summary()
-    assert summary["num_audits"] == len(ps)
+    assert audit_window(len(ps[0]), 6)[1] < len(ps[0]) - 6 + 1
+    assert engine.audit_totals.summary()["num_audits"] == len(ps)
     assert engine.leftovers() == {}
 
 

@@ -12,9 +12,9 @@ import pytest
 
 from tpserve.engine.sampler import TokenLogprobs
 from tpserve.errors import ConfigError
-from tpserve.route.audit import AuditTotals, audit_result
+from tpserve.route.audit import AuditInfo, AuditTotals, audit_result, audit_window
 from tpserve.route.calibrate import calibration, thresholds_for
-from tpserve.route.router import (AUTO, SMALL, TARGET, AuditInfo, RouteConfig, Router, RouteState, ScoreTracker,
+from tpserve.route.router import (AUTO, SMALL, TARGET, RouteConfig, Router, RouteState, ScoreTracker,
                                   load_calibration, quantile)
 
 
@@ -109,22 +109,29 @@ def test_a_calibration_made_with_other_settings_is_refused(tmp_path):
         load_calibration(str(path))
 
 
+def test_audit_window_precedes_the_scored_tail():
+    assert audit_window(300, 64) == (172, 236)
+    assert audit_window(100, 64) == (1, 36)  # what there is before the tail
+    assert audit_window(40, 64) == (1, 40)  # too short: the whole prompt
+
+
 def test_audit_result_compares_the_same_positions():
-    # prompt of 5 tokens, 2 tail logprobs (tokens 3 and 4), 2 output tokens (5 and 6).
+    # prompt of 5 tokens, window [2, 4) (tokens 2 and 3), outputs at 5 and 6, the first by the target.
     ids = [10, 11, 12, 13, 14, 15, 16]
     target = [TokenLogprobs(ids[i + 1], -0.1 * (i + 1), [(ids[i + 1] if i != 5 else 99, -0.01)]) for i in range(6)]
-    info = AuditInfo("r", 5, tail_logprobs=[-1.0, -2.0], output_logprobs=[-0.5, -0.25])
+    info = AuditInfo("r", 5, output_offset=1, window=(2, 4), small_logprobs=[-1.0, -2.0, -3.0, -4.0, -5.0, -6.0])
     r = audit_result(info, ids, target, bytes_of=lambda toks: 2 * len(toks))
     ln2 = math.log(2)
-    assert r.tail_small_bits == pytest.approx(3.0 / ln2)
-    assert r.tail_target_bits == pytest.approx((0.3 + 0.4) / ln2)  # tokens 3, 4 are scored at positions 2, 3
-    assert r.output_target_bits == pytest.approx((0.5 + 0.6) / ln2)
-    assert r.output_agreement == 1 and r.tail_bytes == 4 and r.output_bytes == 4
+    assert r.window_small_bits == pytest.approx((2.0 + 3.0) / ln2)  # tokens 2, 3 are scored at positions 1, 2
+    assert r.window_target_bits == pytest.approx((0.2 + 0.3) / ln2)
+    assert r.output_tokens == 1 and r.output_small_bits == pytest.approx(6.0 / ln2)  # only token 6 is the small model's
+    assert r.output_target_bits == pytest.approx(0.6 / ln2)
+    assert r.output_agreement == 0 and r.window_bytes == 4 and r.output_bytes == 2
     totals = AuditTotals()
     totals.add(r)
     s = totals.summary()
-    assert s["quality_gap"] == pytest.approx((3.0 - 0.7) / 0.7)
-    assert s["output_greedy_agreement"] == 0.5
+    assert s["quality_gap"] == pytest.approx((5.0 - 0.5) / 0.5)
+    assert s["output_greedy_agreement"] == 0.0
 
 
 def test_min_quality_lowers_the_fraction_while_the_audit_is_below_the_floor():

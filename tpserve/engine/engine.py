@@ -28,8 +28,8 @@ from tpserve.engine.scheduler import ScheduledSeq, SchedulerConfig, SchedulerOut
 from tpserve.engine.sequence import SMALL, TARGET, Sequence
 from tpserve.engine.step import SeqWork, StepPlan
 from tpserve.errors import InvalidRequest
-from tpserve.route.audit import AuditTotals, audit_result
-from tpserve.route.router import AUTO, AuditInfo, RouteState
+from tpserve.route.audit import AuditInfo, AuditTotals, audit_result, audit_window
+from tpserve.route.router import AUTO, RouteState
 
 
 class LLMEngine:
@@ -84,8 +84,7 @@ class LLMEngine:
         self._requests[seq.request_id] = seq
 
     def _route_start(self, seq: Sequence) -> None:
-        """An `auto` request gets its first model from the router (the target without one); a
-        small-served request the audit may sample keeps the small model's prompt-tail scores."""
+        """An `auto` request gets its first model from the router (the target without one)."""
         route, router = seq.route, self.router
         if route is not None and route.policy == AUTO:
             scoring = seq.params.prompt_logprobs is not None or seq.params.max_tokens == 0
@@ -94,13 +93,8 @@ class LLMEngine:
             else:
                 route.policy = router.config.policy
                 seq.model = router.start(route, seq.num_prompt_tokens)
-        if seq.model == SMALL:
-            if self.small_runner is None:
-                raise InvalidRequest("this server has no small model (start it with --small-model DIR)")
-            if seq.route is None and router is not None and router.config.audit_rate > 0:
-                seq.route = RouteState(None)
-            if seq.route is not None and router is not None and router.config.audit_rate > 0:
-                seq.route.tail_tokens = seq.route.tail_tokens or router.config.tail_tokens
+        if seq.model == SMALL and self.small_runner is None:
+            raise InvalidRequest("this server has no small model (start it with --small-model DIR)")
 
     def abort_request(self, request_id: str) -> bool:
         """Stop a request now and free its blocks. False if it is unknown or already finished."""
@@ -315,42 +309,46 @@ class LLMEngine:
             if seq.model == SMALL:
                 self.num_small_requests += 1
                 self.num_small_generation_tokens += num_output
-                if route is not None and seq.finish_reason != "abort" and self.router is not None \
-                        and self.router.audits():
+                if seq.finish_reason != "abort" and self.router is not None and self.router.audits():
                     self._start_audit(seq)
         return out
 
     # --- the routing audit --------------------------------------------------------------------
     def _start_audit(self, seq: Sequence) -> None:
-        """Queue the target's teacher-forced scoring of a small-served request's prompt + output,
-        in the background (admitted only while nothing waits). Its result feeds `audit_totals`."""
-        route = seq.route
-        num_out = min(len(route.output_logprobs), seq.num_output_tokens - route.output_offset)
-        ids = seq.token_ids[: seq.num_prompt_tokens + route.output_offset + num_out]
-        if len(ids) < 2:
-            return
+        """Queue the small model's, then the target's, teacher-forced scoring of a finished
+        small-served request's prompt + output, in the background (admitted only while nothing
+        waits; never emitted). The comparison feeds `audit_totals` and the router."""
+        offset = seq.route.output_offset if seq.route is not None else 0
+        info = AuditInfo(seq.request_id, seq.num_prompt_tokens, offset,
+                         audit_window(seq.num_prompt_tokens, self.router.config.tail_tokens))
+        self._queue_audit(list(seq.token_ids), info, SMALL)
+
+    def _queue_audit(self, ids: list[int], info: AuditInfo, model: str) -> None:
         audit = Sequence(-1, f"audit-{uuid.uuid4().hex}", ids, SamplingParams(max_tokens=0, prompt_logprobs=1),
-                         background=True)
-        audit.route = RouteState("audit", audit=AuditInfo(seq.request_id, seq.num_prompt_tokens,
-                                                          list(route.tail_logprobs), route.output_logprobs[:num_out],
-                                                          route.output_offset))
+                         model=model, background=True)
+        audit.route = RouteState("audit", audit=info)
         try:
             self.add_sequence(audit)
-        except InvalidRequest:  # the id is in use or it cannot fit: skip this audit
+        except InvalidRequest:  # it cannot fit: skip this audit
             return
 
     def _finish_audit(self, seq: Sequence) -> None:
         if seq.finish_reason == "abort" or seq.prompt_logprobs is None:
             return
+        info = seq.route.audit
+        if seq.model == SMALL:  # the small model's pass is done: the target's next
+            info.small_logprobs = [lp.logprob for lp in seq.prompt_logprobs]
+            self._queue_audit(seq.token_ids, info, TARGET)
+            return
         tok = self.tokenizer
         bytes_of = (lambda ids: len(tok.decode(ids).encode())) if tok is not None else len
-        result = audit_result(seq.route.audit, seq.token_ids, seq.prompt_logprobs, bytes_of)
+        result = audit_result(info, seq.token_ids, seq.prompt_logprobs, bytes_of)
         if self.audit_totals is None:
             self.audit_totals = AuditTotals()
         self.audit_totals.add(result)
         self.recent_audits.append(result)
         if self.router is not None:
-            self.router.on_audit(result.tail_small_bits, result.tail_target_bits)
+            self.router.on_audit(result.window_small_bits, result.window_target_bits)
 
     def _on_finish(self, seq: Sequence) -> None:
         """Run by Scheduler.finish, the one way a request ends."""

@@ -31,6 +31,7 @@ import json
 import random
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Any
 
 from tpserve.errors import ConfigError
 
@@ -103,7 +104,7 @@ class RouteState:
     tail_logprobs: list[float] = field(default_factory=list)  # small model's, last prompt tokens
     target_tail_logprobs: list[float] = field(default_factory=list)  # the target's, same tokens (gap)
     output_logprobs: list[float] = field(default_factory=list)  # small model's, of its own tokens
-    audit: AuditInfo | None = None  # on an audit sequence: what it compares
+    audit: Any = None  # on an audit sequence: its tpserve.route.audit.AuditInfo
 
     def tail_scored(self, model: str) -> list[float]:
         """`model`'s log-probabilities of the prompt's last tokens so far (filled chunk by chunk)."""
@@ -116,17 +117,6 @@ class RouteState:
         k = min(self.tail_tokens, num_prompt_tokens - 1)
         done = len(self.tail_scored(model))
         return None if done >= k else num_prompt_tokens - 1 - k + done
-
-
-@dataclass(slots=True)
-class AuditInfo:
-    """What an audit sequence (the target scoring prompt + the small model's output) compares."""
-
-    request_id: str
-    num_prompt_tokens: int
-    tail_logprobs: list[float]
-    output_logprobs: list[float]
-    output_offset: int = 0  # output tokens before the first of `output_logprobs`
 
 
 class ScoreTracker:
