@@ -41,7 +41,7 @@ from common import machine_info, print_table, write_json
 ROOT = Path(__file__).resolve().parent.parent
 OUT = ROOT / "benchmarks" / "results" / "routing"
 FRACTIONS = [i / 20 for i in range(21)]
-POLICIES = ("random", "length", "confidence", "cascade", "gap")
+POLICIES = ("random", "length", "length-long", "confidence", "cascade", "gap")
 LN2 = math.log(2)
 
 
@@ -63,7 +63,8 @@ def other_projects_code(max_files: int = 400) -> dict[str, str]:
 
 
 def cut_requests(tokenizer, n: int, seed: int, max_prompt_tokens: int, continuation_tokens: int,
-                 sources: dict[str, str] | None = None) -> list[dict]:
+                 sources: dict[str, str] | None = None, prompt_chars: tuple[int, int] = (400, 4000),
+                 min_prompt_tokens: int = 48) -> list[dict]:
     """Seeded cuts of held-out files (or of `sources`) at line boundaries whose next line is not blank."""
     from tpserve.bundled.corpus import load_corpus
 
@@ -79,8 +80,8 @@ def cut_requests(tokenizer, n: int, seed: int, max_prompt_tokens: int, continuat
         next_line = lines[i].rstrip("\n")
         if not next_line.strip():
             continue
-        prompt_ids = tokenizer.encode("".join(lines[:i])[-rng.randint(400, 4000):], add_special_tokens=False)
-        prompt_ids = prompt_ids[-rng.randint(48, max_prompt_tokens):]
+        prompt_ids = tokenizer.encode("".join(lines[:i])[-rng.randint(*prompt_chars):], add_special_tokens=False)
+        prompt_ids = prompt_ids[-rng.randint(min_prompt_tokens, max_prompt_tokens):]
         cont = tokenizer.encode("".join(lines[i:i + 40]), add_special_tokens=False)[:continuation_tokens]
         out.append({"prompt": prompt_ids, "continuation": cont, "next_line": next_line,
                     "continuation_bytes": len(tokenizer.decode(cont).encode())})
@@ -152,9 +153,10 @@ def policy_scores(engine, reqs: list[dict], args) -> dict[str, list[float]]:
     from tpserve.route.router import RouteConfig
 
     scores = {}
-    for policy in args.policies:
-        config = RouteConfig(policy=policy, aggregate_quantile=args.route_quantile, tail_tokens=args.tail_tokens,
-                             cascade_tokens=args.cascade_tokens, seed=args.seed)
+    for policy in args.policies:  # length-long: --route-policy length --route-length-small long
+        config = RouteConfig(policy=policy.removesuffix("-long"), aggregate_quantile=args.route_quantile,
+                             tail_tokens=args.tail_tokens, cascade_tokens=args.cascade_tokens, seed=args.seed,
+                             length_small="long" if policy.endswith("-long") else "short")
         scores[policy] = [-math.inf if s is None else s
                           for s in score_prompts(engine, [r["prompt"] for r in reqs], config)]
     scores["oracle"] = [r["target_bpb"] - r["small_bpb"] for r in reqs]  # high: the small model loses little
@@ -261,7 +263,7 @@ def print_quality(summary: dict) -> None:
 def run_quality(args) -> dict:
     engine = load_engine(args)
     reqs = cut_requests(engine.tokenizer, args.num_prompts, args.seed, args.max_prompt_tokens,
-                        args.continuation_tokens)
+                        args.continuation_tokens, prompt_chars=args.prompt_chars, min_prompt_tokens=args.min_prompt_tokens)
     t0 = time.perf_counter()
     measure_requests(engine, reqs, args.cascade_tokens)
     scores = policy_scores(engine, reqs, args)
@@ -271,7 +273,7 @@ def run_quality(args) -> dict:
     payload = {"machine": machine_info(), "args": {k: v for k, v in vars(args).items() if k != "func"},
                "summary": summary, "requests": [{**r, "scores": {p: s[i] for p, s in scores.items()}}
                                                for i, r in enumerate(reqs)]}
-    write_json(OUT / "quality.json", payload)
+    write_json(OUT / f"quality{args.tag}.json", payload)
     return payload
 
 
@@ -327,7 +329,7 @@ def run_audit(args) -> dict:
 
 def best_policy(summary: dict) -> str:
     table = summary["metrics"]["bpb"]
-    return max((p for p in table if p not in ("oracle", "random")), key=lambda p: table[p]["apgr"])
+    return max((p for p in table if p not in ("oracle", "random", "length-long")), key=lambda p: table[p]["apgr"])
 
 
 # --- serving cost ------------------------------------------------------------------------------
@@ -495,6 +497,10 @@ def parse_args(argv=None):
     p.add_argument("--num-prompts", type=int, default=400)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-prompt-tokens", type=int, default=384)
+    p.add_argument("--min-prompt-tokens", type=int, default=48)
+    p.add_argument("--prompt-chars", type=lambda s: tuple(int(x) for x in s.split(":")), default=(400, 4000),
+                   help="LO:HI characters of text before the cut, tokenised, then LO:HI tokens kept")
+    p.add_argument("--tag", default="", help="suffix of the quality JSON (a second prompt set)")
     p.add_argument("--continuation-tokens", type=int, default=64)
     p.add_argument("--policies", type=lambda s: s.split(","), default=list(POLICIES))
     p.add_argument("--route-quantile", type=float, default=0.1)

@@ -49,6 +49,7 @@ class EngineArgs:
     route_window: int = 1000
     route_audit_rate: float = 0.0
     route_min_quality: float | None = None
+    route_length_small: str = "short"
 
 
 def add_engine_args(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +94,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     r.add_argument("--route-cascade-tokens", type=int, default=8,
                    help="tokens the small model generates before the cascade decides")
     r.add_argument("--route-window", type=int, default=1000, help="recent scores the fraction is tracked over")
+    r.add_argument("--route-length-small", choices=["short", "long"], default="short",
+                   help="which prompts the length policy sends to the small model")
     r.add_argument("--route-audit-rate", type=float, default=0.0,
                    help="fraction of small-served requests the target scores again (the online quality audit)")
     r.add_argument("--route-min-quality", type=float, default=None,
@@ -116,6 +119,7 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
         route_threshold=ns.route_threshold, route_calibration=ns.route_calibration, route_quantile=ns.route_quantile,
         route_tail_tokens=ns.route_tail_tokens, route_cascade_tokens=ns.route_cascade_tokens,
         route_window=ns.route_window, route_audit_rate=ns.route_audit_rate, route_min_quality=ns.route_min_quality,
+        route_length_small=ns.route_length_small,
     )
 
 
@@ -199,7 +203,7 @@ def build_router(args: EngineArgs):
                          threshold=args.route_threshold, aggregate_quantile=args.route_quantile,
                          tail_tokens=args.route_tail_tokens, cascade_tokens=args.route_cascade_tokens,
                          window=args.route_window, audit_rate=args.route_audit_rate,
-                         min_quality=args.route_min_quality, seed=args.seed)
+                         min_quality=args.route_min_quality, length_small=args.route_length_small, seed=args.seed)
     calibration = load_calibration(args.route_calibration) if args.route_calibration else None
     return Router(config, calibration)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from tpserve.errors import ConfigError
 
-SETTINGS = ("aggregate_quantile", "tail_tokens", "cascade_tokens")
+SETTINGS = ("aggregate_quantile", "tail_tokens", "cascade_tokens", "length_small")
 CALIBRATED_POLICIES = ("length", "confidence", "cascade", "gap")  # random's threshold is exact without one
 
 
@@ -101,6 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--route-quantile", type=float, default=0.1)
     p.add_argument("--route-tail-tokens", type=int, default=64)
     p.add_argument("--route-cascade-tokens", type=int, default=8)
+    p.add_argument("--route-length-small", choices=["short", "long"], default="short")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"])
     p.add_argument("--num-kv-blocks", type=int, default=None)
     return p.parse_args(argv)
@@ -124,7 +125,7 @@ def main(argv=None) -> dict:
     scores = {}
     for policy in policies:
         config = RouteConfig(policy=policy, aggregate_quantile=args.route_quantile, tail_tokens=args.route_tail_tokens,
-                             cascade_tokens=args.route_cascade_tokens)
+                             cascade_tokens=args.route_cascade_tokens, length_small=args.route_length_small)
         scores[policy] = [s for s in score_prompts(engine, prompts, config) if s is not None]
         print(f"{policy}: {len(prompts)} prompts scored, median {quantiles(scores[policy])[50]:.4f}", file=sys.stderr)
     out = calibration(scores, config, args.model, args.small_model)

@@ -5,7 +5,8 @@ the small model is expected to serve it well) and goes to the small model when t
 the threshold. Policies differ in the score and in when it is known:
 
 - `random`: a seeded uniform draw, at submission (the baseline);
-- `length`: minus the prompt length, at submission (short prompts to the small model);
+- `length`: minus the prompt length (`--route-length-small short`, the default: short prompts to the
+  small model) or the length (`long`), at submission;
 - `confidence`: the small model's prefill scores the prompt's last `tail_tokens` tokens; the score is
   a low quantile of their log-probabilities; a request routed to the target is handed over before
   any token is sampled;
@@ -63,6 +64,7 @@ class RouteConfig:
     tail_tokens: int = 64  # prompt tokens the confidence policy (and the audit) scores
     cascade_tokens: int = 8  # tokens the small model generates before the cascade decides
     window: int = 1000  # scores the online quantile tracks
+    length_small: str = "short"  # which prompts the length policy sends to the small model: short or long
     audit_rate: float = 0.0  # fraction of small-served requests the target scores again
     min_quality: float | None = None  # hold the audit's 1 - quality gap above this by lowering the fraction
     seed: int = 0
@@ -78,6 +80,8 @@ class RouteConfig:
             raise ConfigError(f"--route-tail-tokens {self.tail_tokens} must be >= 1")
         if self.cascade_tokens < 1:
             raise ConfigError(f"--route-cascade-tokens {self.cascade_tokens} must be >= 1")
+        if self.length_small not in ("short", "long"):
+            raise ConfigError(f"--route-length-small {self.length_small!r} must be short or long")
         if self.window < 10:
             raise ConfigError(f"--route-window {self.window} must be >= 10")
         if not 0.0 <= self.audit_rate <= 1.0:
@@ -190,7 +194,8 @@ class Router:
         if policy == "random":
             return self._decide(state, self._rng.random())
         if policy == "length":
-            return self._decide(state, -float(num_prompt_tokens))
+            return self._decide(state, float(num_prompt_tokens if self.config.length_small == "long"
+                                              else -num_prompt_tokens))
         state.tail_tokens = self.config.tail_tokens if policy in ("confidence", "gap") else 0
         return TARGET if policy == "gap" else SMALL
 
@@ -250,6 +255,7 @@ class Router:
 
 # The settings a policy's scores depend on: a calibration made with other values does not apply.
 CALIBRATED_SETTINGS = {"aggregate_quantile": ("--route-quantile", ("confidence", "cascade")),
+                       "length_small": ("--route-length-small", ("length",)),
                        "tail_tokens": ("--route-tail-tokens", ("confidence", "gap")),
                        "cascade_tokens": ("--route-cascade-tokens", ("cascade",))}
 
