@@ -483,7 +483,7 @@ def run_drift(args) -> dict:
     print_table(rows, ["asked", "threshold", "small_all", "small_first_third", "small_last_third"])
     payload = {"machine": machine_info(), "policy": policy, "rows": rows,
                "args": {k: v for k, v in vars(args).items() if k != "func"}}
-    write_json(OUT / "drift.json", payload)
+    write_json(OUT / f"drift_{policy}.json", payload)
     return payload
 
 
