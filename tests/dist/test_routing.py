@@ -267,3 +267,31 @@ def test_one_copy_is_both_the_draft_and_the_small_model(models, hf):
         assert got[f"r{i}"] == hf_greedy(hf[i % 2], p, 12), f"request {i}"
     assert engine.spec.totals.num_spec_steps > 0
     assert engine.leftovers() == {}
+
+
+def test_calibrate_cli_writes_quantiles_a_server_loads(models, tmp_path):
+    import json
+
+    from tpserve.route.calibrate import main as calibrate
+    from tpserve.route.router import RouteConfig, Router, load_calibration
+
+    target, small = models
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt_token_ids": p}) + "\n" for p in prompts(30, seed=11)))
+    out = calibrate(["--model", str(target), "--small-model", str(small), "--prompts", str(tmp_path / "p.jsonl"),
+                     "--out", str(tmp_path / "cal.json"), "--dtype", "float32", "--route-tail-tokens", "8",
+                     "--policies", "confidence,gap"])
+    cal = load_calibration(str(tmp_path / "cal.json"))
+    assert cal == json.loads(json.dumps(out)) and cal["num_prompts"] == 30 and cal["tail_tokens"] == 8
+    for policy in ("confidence", "gap"):
+        q = cal["quantiles"][policy]
+        assert len(q) == 101 and q == sorted(q)
+        thresholds = [cal["thresholds"][policy][k] for k in sorted(cal["thresholds"][policy])]
+        assert thresholds == sorted(thresholds, reverse=True)
+    # The engine scores these prompts as the calibration did: its threshold for a fraction matches.
+    engine = make_engine(models, policy="gap", route_tail_tokens=8, route_small_fraction=0.5)
+    engine.router = Router(RouteConfig(policy="gap", tail_tokens=8, small_fraction=0.5), cal)
+    assert engine.router.threshold == pytest.approx(cal["thresholds"]["gap"]["0.50"], abs=1e-6)
+    results = generate(engine, prompts(30, seed=11), greedy(3), model=AUTO)
+    scores = sorted(r.route.score for r in results)
+    assert scores[0] == pytest.approx(q[0], abs=1e-5) and scores[-1] == pytest.approx(q[-1], abs=1e-5)
+    assert 10 <= sum(r.model == SMALL for r in results) <= 20
