@@ -11,7 +11,7 @@ quantiles (0 %, 1 %, ... 100 %), the settings they depend on, and for reading, t
 sends 5 %, 10 %, ... 95 % of these prompts to the small model. `--route-calibration FILE` seeds the
 server's online tracker with them; the scores of the traffic it serves then replace them.
 
-Prompts: JSONL lines of {"prompt": text} or {"prompt_token_ids": [ids]}.
+Prompts: JSONL lines of {"prompt": text} or {"prompt_token_ids": [ids]} (the profiler's dataset format).
 """
 
 from __future__ import annotations
@@ -25,26 +25,6 @@ from tpserve.errors import ConfigError
 
 SETTINGS = ("aggregate_quantile", "tail_tokens", "cascade_tokens", "length_small")
 CALIBRATED_POLICIES = ("length", "confidence", "cascade", "gap")  # random's threshold is exact without one
-
-
-def read_prompts(path: str) -> list:
-    prompts = []
-    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            item = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path}:{n}: not JSON ({e})") from None
-        if "prompt_token_ids" in item:
-            prompts.append([int(t) for t in item["prompt_token_ids"]])
-        elif isinstance(item.get("prompt"), str):
-            prompts.append(item["prompt"])
-        else:
-            raise ConfigError(f"{path}:{n}: needs 'prompt' (text) or 'prompt_token_ids'")
-    if not prompts:
-        raise ConfigError(f"{path} holds no prompts")
-    return prompts
 
 
 def score_prompts(engine, prompts: list, config) -> list[float | None]:
@@ -112,6 +92,7 @@ def main(argv=None) -> dict:
 
     from tpserve.distributed import TPGroup
     from tpserve.engine.setup import EngineArgs, build_runtime
+    from tpserve.profile.workload import LengthDist, load_dataset
     from tpserve.route.router import RouteConfig
 
     args = parse_args(argv)
@@ -119,9 +100,9 @@ def main(argv=None) -> dict:
     bad = [p for p in policies if p not in CALIBRATED_POLICIES]
     if bad:
         raise ConfigError(f"--policies: {bad[0]!r} is not one of {', '.join(CALIBRATED_POLICIES)}")
-    prompts = read_prompts(args.prompts)
     _, engine = build_runtime(EngineArgs(model=args.model, dtype=args.dtype, small_model=args.small_model,
                                          num_kv_blocks=args.num_kv_blocks), TPGroup(device=torch.device("cpu")))
+    prompts = [ids for ids, _ in load_dataset(args.prompts, engine.tokenizer, LengthDist(1, 1), seed=0)]
     scores = {}
     for policy in policies:
         config = RouteConfig(policy=policy, aggregate_quantile=args.route_quantile, tail_tokens=args.route_tail_tokens,
