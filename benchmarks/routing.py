@@ -300,8 +300,8 @@ def run_audit(args) -> dict:
         from tpserve.route.router import ScoreTracker
 
         threshold = ScoreTracker(len(reqs), [r["scores"][policy] for r in reqs]).threshold(fraction)
-        engine.router = Router(RouteConfig(**{**config.__dict__, "threshold": threshold}))
-        engine.audit_totals, engine.recent_audits = AuditTotals(), type(engine.recent_audits)(maxlen=len(reqs))
+        engine.small.router = Router(RouteConfig(**{**config.__dict__, "threshold": threshold}))
+        engine.small.audit_totals, engine.small.recent_audits = AuditTotals(), type(engine.small.recent_audits)(maxlen=len(reqs))
         res = generate(engine, [r["prompt"] for r in reqs],
                        SamplingParams(max_tokens=args.audit_output_tokens, temperature=0.0), model=AUTO)
         while engine.has_work():
@@ -309,7 +309,7 @@ def run_audit(args) -> dict:
         small = [r for r, done in zip(reqs, res) if done.model == SMALL]
         s_bits = sum(r["small_bpb"] * r["continuation_bytes"] for r in small)
         t_bits = sum(r["target_bpb"] * r["continuation_bytes"] for r in small)
-        est = engine.audit_totals.summary()
+        est = engine.small.audit_totals.summary()
         rows.append({"policy": policy, "fraction_small": len(small) / len(reqs), "audit_rate": args.audit_rate,
                      "audits": est["num_audits"], "audit_gap": est["quality_gap"],
                      "truth_gap": (s_bits - t_bits) / t_bits if t_bits else float("nan"),
@@ -467,7 +467,7 @@ def run_drift(args) -> dict:
         for label, router in (("calibration threshold, frozen", Router(RouteConfig(**{**config.__dict__,
                                                                                       "threshold": frozen}))),
                               ("online tracker, seeded by the calibration", Router(config, cal))):
-            engine.router = router
+            engine.small.router = router
             served = []
             for start in range(0, len(reqs), args.drift_batch):  # arrivals in waves, as traffic comes
                 chunk = [r["prompt"] for r in reqs[start:start + args.drift_batch]]

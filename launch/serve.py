@@ -142,7 +142,7 @@ def serve_rank0(args, tp) -> int:
                                         args.slo_ttft_margin)
     loop = EngineLoop(engine, args.max_queued_requests, on_step=metrics.observe_step if metrics else None,
                       admission=admission)
-    if engine.small_runner is not None:
+    if engine.small is not None:
         state.small_model_name = small_model_name(args, engine_args, state.served_model_name)
     state.attach(engine, loop, ModelInfo.describe(state.served_model_name, runner.model_config, engine, tp.tp_size,
                                                   state.small_model_name or ""))

@@ -190,7 +190,7 @@ def test_a_prompt_with_nothing_to_score_goes_to_the_target(models, hf):
     engine = make_engine(models, policy="confidence", route_small_fraction=1.0)
     r = generate(engine, [[17]], greedy(3), model=AUTO)[0]
     assert r.route.score is None and r.model == TARGET and r.token_ids == hf_greedy(hf[0], [17], 3)
-    assert len(engine.router.tracker) == 0
+    assert len(engine.small.router.tracker) == 0
 
 
 @pytest.mark.parametrize("policy", ["random", "gap"])  # gap: the target sampled the first output token
@@ -202,7 +202,7 @@ def test_audit_equals_a_direct_teacher_forced_computation(models, hf, policy):
                        model=AUTO)
     while engine.has_work():  # the audits run in the background once nothing waits
         engine.step()
-    audits = {a.request_id: a for a in engine.recent_audits}
+    audits = {a.request_id: a for a in engine.small.recent_audits}
     assert len(audits) == len(ps)
     for p, r in zip(ps, results):
         a = audits[r.request_id]
@@ -219,7 +219,7 @@ def test_audit_equals_a_direct_teacher_forced_computation(models, hf, policy):
         assert a.output_target_bits == pytest.approx(-sum(t_lp[first:]) / math.log(2), abs=1e-3)
         assert a.output_agreement == sum(t == x for t, x in zip(t_argmax[first:], ids[first + 1 :]))
     assert audit_window(len(ps[0]), 6)[1] < len(ps[0]) - 6 + 1
-    assert engine.audit_totals.summary()["num_audits"] == len(ps)
+    assert engine.small.audit_totals.summary()["num_audits"] == len(ps)
     assert engine.leftovers() == {}
 
 
@@ -253,7 +253,7 @@ def test_one_copy_is_both_the_draft_and_the_small_model(models, hf):
                                          draft_model=str(small), speculative_method="draft", spec_policy="fixed",
                                          num_speculative_tokens=3, num_kv_blocks=256, block_size=4,
                                          max_model_len=256), TPGroup(device=torch.device("cpu")))
-    assert engine.spec.proposer.runner is engine.small_runner
+    assert engine.spec.proposer.runner is engine.small.runner
     ps = prompts(6, seed=9)
     factory = RequestFactory.for_engine(engine)
     for i, p in enumerate(ps):
@@ -289,8 +289,8 @@ def test_calibrate_cli_writes_quantiles_a_server_loads(models, tmp_path):
         assert thresholds == sorted(thresholds, reverse=True)
     # The engine scores these prompts as the calibration did: its threshold for a fraction matches.
     engine = make_engine(models, policy="gap", route_tail_tokens=8, route_small_fraction=0.5)
-    engine.router = Router(RouteConfig(policy="gap", tail_tokens=8, small_fraction=0.5), cal)
-    assert engine.router.threshold == pytest.approx(cal["thresholds"]["gap"]["0.50"], abs=1e-6)
+    engine.small.router = Router(RouteConfig(policy="gap", tail_tokens=8, small_fraction=0.5), cal)
+    assert engine.small.router.threshold == pytest.approx(cal["thresholds"]["gap"]["0.50"], abs=1e-6)
     results = generate(engine, prompts(30, seed=11), greedy(3), model=AUTO)
     scores = sorted(r.route.score for r in results)
     assert scores[0] == pytest.approx(q[0], abs=1e-5) and scores[-1] == pytest.approx(q[-1], abs=1e-5)

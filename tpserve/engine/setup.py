@@ -158,8 +158,11 @@ def build_runtime(args: EngineArgs, tp: TPGroup) -> tuple[ModelRunner, LLMEngine
     )
     small_dir = resolve_small_dir(args)
     if small_dir is not None:
-        engine.small_runner = small_model_runner(small_dir, args, model_config, runner, max_model_len)
-        engine.router = build_router(args)
+        from tpserve.engine.small_model import SmallModel
+
+        engine.small = SmallModel(small_model_runner(small_dir, args, model_config, runner, max_model_len),
+                                  build_router(args), engine.scheduler, engine.vocab_size, engine.tokenizer,
+                                  engine.add_sequence)
     engine.spec = build_spec_decoder(args, model_config, runner, engine, max_model_len)
     return runner, engine
 
@@ -241,9 +244,9 @@ def build_spec_decoder(args: EngineArgs, model_config: ModelConfig, runner: Mode
             )
         # The draft is not sharded: it lives on rank 0 only and shares the target's block tables.
         # When it is also the small model, the one copy serves both.
-        small = engine.small_runner
+        small = engine.small
         if small is not None and Path(resolve_small_dir(args)).resolve() == Path(draft_dir).resolve():
-            draft_runner = small
+            draft_runner = small.runner
         else:
             draft_runner = small_model_runner(draft_dir, args, model_config, runner, max_model_len)
         proposer = DraftProposer(draft_runner, engine.eos_token_ids, engine.sampler.generator_for)

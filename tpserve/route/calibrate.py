@@ -37,13 +37,13 @@ def score_prompts(engine, prompts: list, config) -> list[float | None]:
     from tpserve.route.router import AUTO, Router
     from tpserve.server.offline import generate
 
-    saved = engine.router
-    engine.router = Router(replace(config, threshold=float("-inf"), audit_rate=0.0))
+    saved = engine.small.router
+    engine.small.router = Router(replace(config, threshold=float("-inf"), audit_rate=0.0))
     try:
         max_tokens = config.cascade_tokens if config.policy == "cascade" else 1
         results = generate(engine, prompts, SamplingParams(max_tokens=max_tokens, temperature=0.0), model=AUTO)
     finally:
-        engine.router = saved
+        engine.small.router = saved
     return [r.route.score if r.route is not None else None for r in results]
 
 
