@@ -352,7 +352,7 @@ def run_serve(args) -> dict:
     data = json.loads((OUT / "quality.json").read_text())
     reqs, summary = data["requests"], data["summary"]
     policy = args.serve_policy or best_policy(summary)
-    f90 = summary["metrics"]["bpb"][policy]["max_fraction_pgr90"]
+    f90 = args.auto_fraction if args.auto_fraction is not None else summary["metrics"]["bpb"][policy]["max_fraction_pgr90"]
     cal_path = OUT / "calibration.json"
     write_calibration(args, cal_path)
     flags = ["--model", args.model, "--small-model", args.small_model, "--dtype", "float32",
@@ -390,7 +390,7 @@ def run_serve(args) -> dict:
     print_table(rows, ["load", "served_small", "out_tok_per_s", "gain_vs_all_target", "ttft_p50_ms", "tpot_mean_ms"])
     payload = {"machine": machine_info(), "args": {k: v for k, v in vars(args).items() if k != "func"},
                "policy": policy, "fraction_pgr90": f90, "rows": rows, "runs": runs}
-    write_json(OUT / f"serve_tp{args.tp}.json", payload)
+    write_json(OUT / f"serve_tp{args.tp}{args.tag}.json", payload)
     return payload
 
 
@@ -514,6 +514,8 @@ def parse_args(argv=None):
     p.add_argument("--serve-policy", default=None, help="default: the best policy by APGR")
     p.add_argument("--serve-fractions", type=lambda s: [float(x) for x in s.split(",")], default=[0, 0.25, 0.5, 0.75])
     p.add_argument("--serve-requests", type=int, default=192)
+    p.add_argument("--auto-fraction", type=float, default=None,
+                   help="the auto load's --route-small-fraction (default: the policy's largest with PGR >= 0.9)")
     p.add_argument("--output-tokens", type=int, default=64)
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--calibration-prompts", type=int, default=300)
