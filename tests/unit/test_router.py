@@ -13,7 +13,7 @@ import pytest
 from tpserve.engine.sampler import TokenLogprobs
 from tpserve.errors import ConfigError
 from tpserve.route.audit import AuditInfo, AuditTotals, audit_result, audit_window
-from tpserve.route.calibrate import calibration, thresholds_for
+from tpserve.route.calibrate import calibration
 from tpserve.route.router import (AUTO, SMALL, TARGET, RouteConfig, Router, RouteState, ScoreTracker,
                                   load_calibration, quantile)
 
@@ -50,7 +50,7 @@ def test_calibrated_thresholds_fall_as_the_fraction_grows():
         assert sum(s >= t for s in scores) / len(scores) == pytest.approx(float(key), abs=0.01)
     q = cal["quantiles"]["confidence"]
     assert len(q) == 101 and q == sorted(q) and q[0] == min(scores) and q[-1] == max(scores)
-    assert thresholds_for(scores, 0.5) == pytest.approx(q[50])
+    assert ScoreTracker(len(scores), scores).threshold(0.5) == pytest.approx(q[50])
 
 
 def test_router_uses_the_calibrated_scores_until_live_ones_replace_them():

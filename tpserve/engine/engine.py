@@ -23,7 +23,7 @@ from tpserve.engine.outputs import EngineStats, RequestOutput, RouteOutcome
 from tpserve.engine.sampler import Sampler, TokenLogprobs, token_logprobs
 from tpserve.engine.scheduler import ScheduledSeq, SchedulerConfig, SchedulerOutput, Scheduler
 from tpserve.engine.sequence import SMALL, Sequence
-from tpserve.engine.small_model import token_logprob_rows
+from tpserve.engine.small_model import score_tail
 from tpserve.engine.step import StepPlan
 from tpserve.errors import InvalidRequest
 from tpserve.route.router import AUTO
@@ -259,11 +259,3 @@ def score_prompt(item: ScheduledSeq, rows) -> list[TokenLogprobs]:
     targets = seq.token_ids[first + 1 : end + 1]
     return token_logprobs(rows[first - start : end - start], targets, [seq.params.prompt_logprobs] * len(targets))
 
-
-def score_tail(item: ScheduledSeq, rows) -> list[float]:
-    """Raw log-probabilities of the prompt tokens a chunk's `num_tail_rows` leading logit rows
-    score: they sit at the chunk's last positions before the prompt's last (position p scores
-    token p + 1)."""
-    seq = item.seq
-    last = min(seq.num_computed_tokens + item.num_new_tokens, seq.num_prompt_tokens - 1)  # past the last row
-    return token_logprob_rows(rows, seq.token_ids[last - item.num_tail_rows + 1 : last + 1])

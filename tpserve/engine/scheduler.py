@@ -156,7 +156,7 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            num_new = self._chunk(seq, budget)
+            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
             item = ScheduledSeq(seq, num_new)
             item.num_lookahead = lookahead_of(seq) if item.decoding else 0
             while not bm.ensure_slots(seq, seq.num_computed_tokens + num_new + item.num_lookahead):
@@ -173,30 +173,22 @@ class Scheduler:
             break
         # New admissions only when nothing was preempted this step: blocks are scarce. Background
         # work (the router's quality audits) only when no request waits.
-        queue = self.waiting
-        while budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
-            if not queue:
-                if queue is self.background or self.waiting:
-                    break
-                queue = self.background
-                continue
-            seq = queue[0]
-            if not bm.admit(seq, budget):
+        for queue in (self.waiting, self.background):
+            if queue is self.background and self.waiting:
                 break
-            queue.popleft()
-            num_new = self._chunk(seq, budget)
-            seq.status = SeqStatus.RUNNING
-            if seq.times.first_scheduled is None:
-                seq.times.first_scheduled = time.monotonic()
-            self.running.append(seq)
-            out.scheduled.append(ScheduledSeq(seq, num_new))
-            budget -= num_new
+            while queue and budget > 0 and len(self.running) < self.config.max_num_seqs and not out.preempted:
+                seq = queue[0]
+                if not bm.admit(seq, budget):
+                    break
+                queue.popleft()
+                num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+                seq.status = SeqStatus.RUNNING
+                if seq.times.first_scheduled is None:
+                    seq.times.first_scheduled = time.monotonic()
+                self.running.append(seq)
+                out.scheduled.append(ScheduledSeq(seq, num_new))
+                budget -= num_new
         return out
-
-    @staticmethod
-    def _chunk(seq: Sequence, budget: int) -> int:
-        """Tokens to compute this step: what is left, within the budget."""
-        return min(seq.num_tokens - seq.num_computed_tokens, budget)
 
     def continue_on(self, seq: Sequence, model: str) -> None:
         """Switch a running sequence to the other model without recomputing: its blocks already hold

@@ -215,3 +215,12 @@ def token_logprob_rows(rows, targets: list[int]) -> list[float]:
     """Row i's raw log-probability of targets[i]."""
     logp = rows.log_softmax(dim=-1)
     return logp.gather(-1, torch.tensor(targets, dtype=torch.long, device=logp.device).unsqueeze(-1)).squeeze(-1).tolist()
+
+
+def score_tail(item: ScheduledSeq, rows) -> list[float]:
+    """Raw log-probabilities of the prompt tokens a chunk's `num_tail_rows` leading logit rows
+    score: they sit at the chunk's last positions before the prompt's last (position p scores
+    token p + 1)."""
+    seq = item.seq
+    last = min(seq.num_computed_tokens + item.num_new_tokens, seq.num_prompt_tokens - 1)  # past the last row
+    return token_logprob_rows(rows, seq.token_ids[last - item.num_tail_rows + 1 : last + 1])

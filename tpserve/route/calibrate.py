@@ -54,20 +54,15 @@ def quantiles(scores: list[float]) -> list[float]:
 
 
 def calibration(scores: dict[str, list[float]], config, model: str, small_model: str) -> dict:
+    from tpserve.route.router import ScoreTracker
+
     out = {"model": model, "small_model": small_model, "num_prompts": len(next(iter(scores.values()))),
            **{key: getattr(config, key) for key in SETTINGS}, "quantiles": {}, "thresholds": {}}
     for policy, values in scores.items():
         out["quantiles"][policy] = quantiles(values)
-        out["thresholds"][policy] = {f"{f / 100:.2f}": thresholds_for(values, f / 100) for f in range(5, 100, 5)}
+        tracker = ScoreTracker(len(values), values)  # thresholds exactly as a server's tracker gives them
+        out["thresholds"][policy] = {f"{f / 100:.2f}": tracker.threshold(f / 100) for f in range(5, 100, 5)}
     return out
-
-
-def thresholds_for(scores: list[float], fraction: float) -> float:
-    """The threshold that sends `fraction` of these scores to the small model."""
-    from tpserve.route.router import ScoreTracker
-
-    tracker = ScoreTracker(len(scores), scores)
-    return tracker.threshold(fraction)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
