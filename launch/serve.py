@@ -51,6 +51,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--slo-ttft-margin", type=float, default=0.8,
                    help="admit while the predicted TTFT is under this fraction of --slo-ttft")
     p.add_argument("--dist-timeout", type=float, default=300.0, help="seconds a collective may wait before failing")
+    p.add_argument("--step-timeout", type=float, default=None,
+                   help="stall watchdog: seconds one engine step may take before the group is declared stalled, "
+                        "open requests fail with UNAVAILABLE and every rank exits (default: adaptive, 20x the "
+                        "longest recent step, between 5 and 20 s; workers wait that plus the heartbeat and 2 s)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     add_engine_args(p)
     pre, _ = p.parse_known_args(argv)
@@ -110,6 +114,7 @@ def serve_rank0(args, tp) -> int:
     from tpserve.server.grpc_listener import GrpcListener
     from tpserve.engine.sampling_params import SamplingParams
     from tpserve.server.state import DRAINING, FAILED, SERVING, STOPPED, ModelInfo, ServerState
+    from tpserve.distributed.watchdog import StepBound, Watchdog
 
     engine_args = engine_args_from(args)
     state = ServerState(args.served_model_name or Path(engine_args.model).name)
@@ -140,8 +145,16 @@ def serve_rank0(args, tp) -> int:
 
         admission = AdmissionController(args.slo_ttft, engine_args.max_num_seqs, engine_args.max_num_batched_tokens,
                                         args.slo_ttft_margin)
+    bound = StepBound(args.step_timeout)
+
+    def on_stall(message: str) -> None:  # the watchdog thread: the engine thread is stuck in a step
+        front.set_phase(FAILED)
+        loop.stalled(message)
+        front.stop(grace_s=1.0)  # let the error events and statuses reach the clients
+
+    watchdog = Watchdog("rank 0", bound.seconds, on_stall, tp.local_peer_pids).start()
     loop = EngineLoop(engine, args.max_queued_requests, on_step=metrics.observe_step if metrics else None,
-                      admission=admission)
+                      admission=admission, watchdog=watchdog, step_bound=bound)
     if engine.small is not None:
         state.small_model_name = small_model_name(args, engine_args, state.served_model_name)
     state.attach(engine, loop, ModelInfo.describe(state.served_model_name, runner.model_config, engine, tp.tp_size,
@@ -157,6 +170,7 @@ def serve_rank0(args, tp) -> int:
         loop.begin_drain(args.shutdown_timeout)
         front.set_phase(DRAINING)
     code = loop.run()
+    watchdog.stop()
     if code != 0:
         front.set_phase(FAILED)
         front.stop(grace_s=1.0)
@@ -192,6 +206,16 @@ def make_metrics(args, engine_args, state, tp_size: int):
                          max_model_len, engine_args.max_num_batched_tokens, config, args.slo_ttft or None)
 
 
+def worker_watchdog(args, tp):
+    """A worker's bound on silence from rank 0: rank 0's longest step, its idle heartbeat
+    interval, and a margin for the message's trip."""
+    from tpserve.distributed.watchdog import WORKER_MARGIN_S, StepBound, Watchdog
+    from tpserve.server.engine_loop import HEARTBEAT_S
+
+    bound_s = StepBound(args.step_timeout).ceiling_s + HEARTBEAT_S + WORKER_MARGIN_S
+    return Watchdog(f"worker rank {tp.tp_rank}", lambda: bound_s, peer_pids=tp.local_peer_pids).start()
+
+
 def die_with_launcher() -> None:
     """Under torchrun, exit when torchrun itself dies (say it is SIGKILLed): orphaned ranks would
     otherwise keep their port and accelerator memory forever. A normal SIGTERM to torchrun is
@@ -218,7 +242,7 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         runner, _ = build_runtime(engine_args_from(args), tp)
-        run_worker(runner)
+        run_worker(runner, worker_watchdog(args, tp))
         return 0
     finally:
         destroy_distributed()

@@ -9,6 +9,7 @@ therefore changes the output, as it would with a real model.
 
 from __future__ import annotations
 
+import threading
 import time
 
 import torch
@@ -50,11 +51,16 @@ class FakeDriver:
         self.step_seconds = step_seconds  # how long a step takes (lets a test see requests wait)
         self.num_heartbeats = 0
         self.shut_down = False
+        self.last_contact = time.monotonic()
+        self.stall = threading.Event()  # set: the next step blocks until it is cleared (a stalled rank)
 
     def step(self, plan: StepPlan):
         self.num_steps += 1
         if self.fail_at_step is not None and self.num_steps >= self.fail_at_step:
             raise RuntimeError("a rank failed")
+        while self.stall.is_set():
+            time.sleep(0.01)
+        self.last_contact = time.monotonic()
         self.runner.apply_block_diffs(plan)
         time.sleep(self.step_seconds)
         bs = self.block_size
@@ -77,6 +83,7 @@ class FakeDriver:
 
     def heartbeat(self) -> None:
         self.num_heartbeats += 1
+        self.last_contact = time.monotonic()
 
     def shutdown(self) -> None:
         self.shut_down = True

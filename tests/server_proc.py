@@ -19,7 +19,8 @@ READINESS = "tpserve.v1.Generation"
 
 
 class ServerProc:
-    def __init__(self, model_dir, log_path, nproc: int = 2, extra: list[str] | None = None) -> None:
+    def __init__(self, model_dir, log_path, nproc: int = 2, extra: list[str] | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.port = free_port()
         self.http_port = free_port()
         self.address = f"127.0.0.1:{self.port}"
@@ -30,7 +31,8 @@ class ServerProc:
                "--host", "127.0.0.1", "--port", str(self.port), "--http-port", str(self.http_port), "--dtype", "float32",
                *(extra or [])]
         self.log = open(self.log_path, "w")
-        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
+        self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True,
+                                     env={**os.environ, **(env or {})})
         self.channel = grpc.insecure_channel(self.address)
         self.seen_ranks: set[int] = set()  # pids of every rank seen, killed by close()
 

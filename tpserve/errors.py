@@ -43,6 +43,13 @@ class Unavailable(RequestError):
     kind = "unavailable"
 
 
+class ComputeError(RequestError):
+    """The model's computation for this one request went wrong (its logits turned NaN or
+    infinite); the request fails alone and the server goes on."""
+
+    kind = "internal"
+
+
 class NotFound(RequestError):
     """The request names a model (or request id) the server does not have."""
 

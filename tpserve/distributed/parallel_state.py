@@ -52,6 +52,18 @@ class TPGroup:
     device_group: object | None = None
     cpu_group: object | None = None
     device: torch.device = torch.device("cpu")
+    local_peer_pids: tuple[int, ...] = ()  # the group's processes on this host, this one included
+
+    def local_peers(self) -> tuple[int, ...]:
+        """Exchange (host, pid) over the cpu group once; the pids of the ranks on this host."""
+        if self.tp_size == 1:
+            return (os.getpid(),)
+        import socket
+
+        everyone: list = [None] * self.tp_size
+        dist.all_gather_object(everyone, (socket.gethostname(), os.getpid()), group=self.cpu_group)
+        host = socket.gethostname()
+        return tuple(pid for h, pid in everyone if h == host)
 
     @property
     def is_first(self) -> bool:
@@ -124,13 +136,15 @@ def init_distributed(
         # One gloo group would serve both, but a separate one keeps control traffic ordered
         # independently of tensor collectives, exactly as on GPU.
         device_group = dist.new_group(ranks, backend="gloo", timeout=timeout)
-    return TPGroup(
+    tp = TPGroup(
         tp_rank=env.rank,
         tp_size=env.world_size,
         device_group=device_group,
         cpu_group=cpu_group,
         device=device,
     )
+    tp.local_peer_pids = tp.local_peers()  # what a stall watchdog kills (tpserve.distributed.watchdog)
+    return tp
 
 
 def destroy_distributed() -> None:

@@ -114,6 +114,7 @@ class LLMEngine:
             self.num_steps += 1
             self.last_step_num_tokens = batch.num_tokens + (self.small.beside_tokens(beside) if beside else 0)
             self.last_step_num_seqs = len(batch.scheduled)
+            failed = mark_nonfinite(batch, logits)
             self._sample(batch, logits)
             to_target, to_small = self.small.before_update(small, beside) if small or beside else ([], [])
             updated = self.scheduler.update(batch, time.monotonic())
@@ -121,6 +122,8 @@ class LLMEngine:
                 self.spec.after_update(target)
             if small or to_small:
                 self.small.after_update(small, to_target, to_small)
+            for item in failed:  # after the update, which left them as if they had sampled nothing
+                self._fail_request(item.seq, updated)
         elif self.scheduler.num_tables_to_drop:
             self.driver.step(StepPlan(finished=self.scheduler.take_tables_to_drop()))
         outputs = self._emit(updated)
@@ -142,6 +145,8 @@ class LLMEngine:
         plain, plain_rows, speculating, row = [], [], [], 0
         for item in batch.scheduled:
             start, row = row, row + item.num_logit_rows  # a view is made only where rows are read
+            if item.nonfinite:
+                continue
             if item.scores_prompt:
                 item.prompt_logprobs = score_prompt(item, logits[start:row])
             if item.num_tail_rows:
@@ -161,6 +166,19 @@ class LLMEngine:
                 self.small.record_sampled(plain, logits[plain_rows], tokens)
         if speculating:
             self.spec.verify(speculating, self.sampler)
+
+    def _fail_request(self, seq: Sequence, updated: list[Sequence]) -> None:
+        """End one request whose logits turned non-finite; the batch goes on without it."""
+        if seq.is_finished:
+            return
+        seq.error = (f"the model's logits for this request are not finite (NaN or infinity) after "
+                     f"{seq.num_output_tokens} output tokens at position {seq.num_computed_tokens}; "
+                     f"the request was stopped and the server goes on")
+        self.scheduler.finish(seq, "error")
+        if seq.background:
+            return
+        if seq not in updated:
+            updated.append(seq)
 
     def _emit(self, updated: list[Sequence]) -> list[RequestOutput]:
         """Each updated request's new output, aborted ones first; a finished request leaves the
@@ -191,6 +209,7 @@ class LLMEngine:
             out.prompt_logprobs = [None, *seq.prompt_logprobs]  # the first prompt token has none
             seq.prompt_logprobs_sent = True
         out.model = seq.model
+        out.error = seq.error
         if finished:
             del self._requests[seq.request_id]
             out.times = seq.times
@@ -246,8 +265,30 @@ class LLMEngine:
     def heartbeat(self) -> None:
         self.driver.heartbeat()
 
+    @property
+    def last_contact(self) -> float:
+        """When rank 0 last sent the workers a message (a plan or a heartbeat), monotonic."""
+        return self.driver.last_contact
+
     def shutdown(self) -> None:
         self.driver.shutdown()
+
+
+def mark_nonfinite(batch: SchedulerOutput, logits) -> list[ScheduledSeq]:
+    """The items whose logit rows hold a NaN or an infinity (one check over the whole batch; a
+    request with a masked-out token has -inf only after sampling's processing, not here)."""
+    if logits is None or not len(logits):
+        return []
+    finite = torch.isfinite(logits).all(dim=-1)
+    if bool(finite.all()):
+        return []
+    failed, row = [], 0
+    for item in batch.scheduled:
+        start, row = row, row + item.num_logit_rows
+        if row > start and not bool(finite[start:row].all()):
+            item.nonfinite = True
+            failed.append(item)
+    return failed
 
 
 def score_prompt(item: ScheduledSeq, rows) -> list[TokenLogprobs]:

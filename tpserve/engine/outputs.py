@@ -30,6 +30,7 @@ class RequestOutput:
     prompt_logprobs: list[TokenLogprobs | None] | None = None  # once, when the prompt has been scored
     model: str = "target"  # the model that served the request: "target" or "small" (tpserve.route)
     route: RouteOutcome | None = None  # an `auto` request's routing, on its last output
+    error: str | None = None  # why the engine stopped it (finish_reason "error"), on its last output
 
 
 @dataclass(frozen=True)

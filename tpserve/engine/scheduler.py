@@ -78,6 +78,7 @@ class ScheduledSeq:
     tokens: list[int] | tuple = ()  # accepted proposals + one sampled token (a list once sampled)
     logprobs: list | tuple = ()
     prompt_logprobs: list | tuple = ()  # the prompt tokens this chunk scored
+    nonfinite: bool = False  # its logit rows hold a NaN or an infinity: nothing is sampled, it fails
 
     def __post_init__(self) -> None:
         seq = self.seq

@@ -91,6 +91,7 @@ class Sequence:
     # Length of the block table the worker ranks hold; None when they hold none.
     num_sent_blocks: int | None = None
     finish_reason: str | None = None
+    error: str | None = None  # with finish_reason "error": what went wrong (non-finite logits)
     num_preemptions: int = 0
     # Output appended since the engine last emitted this sequence's output.
     num_emitted_tokens: int = 0

@@ -41,8 +41,9 @@ class StepPlan:
 
 @dataclass
 class Heartbeat:
-    """Sent while rank 0 is idle, so that workers blocked on the cpu group notice a dead rank 0
-    within the group timeout instead of waiting forever."""
+    """Sent while rank 0 is idle (every `heartbeat_s` without a step), and answered by a barrier
+    of every rank: each side's stall watchdog (tpserve.distributed.watchdog) hears from the others
+    even when no request runs."""
 
 
 @dataclass

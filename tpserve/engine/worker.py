@@ -2,19 +2,26 @@
 
 from __future__ import annotations
 
+import time
+
 from tpserve.engine.model_runner import ModelRunner
 from tpserve.engine.step import Heartbeat, Shutdown, StepPlan
 
 
-def run_worker(runner: ModelRunner) -> None:
+def run_worker(runner: ModelRunner, watchdog=None) -> None:
     """Blocks until rank 0 sends `Shutdown`. Any exception propagates so the launcher tears the
-    whole group down instead of leaving rank 0 waiting on a collective."""
+    whole group down instead of leaving rank 0 waiting on a collective. `watchdog`, if given (a
+    tpserve.distributed.watchdog.Watchdog), is started by the first message and touched by every
+    one after it: silence from rank 0 past its bound ends the group."""
     tp = runner.tp
     while True:
         msg = tp.broadcast_object(None)
+        if watchdog is not None:
+            watchdog.touch("waiting for rank 0's next control message")
         if isinstance(msg, Shutdown):
             return
         if isinstance(msg, Heartbeat):
+            tp.barrier()  # a round trip: rank 0's heartbeat waits for every rank
             continue
         if not isinstance(msg, StepPlan):
             raise TypeError(f"worker rank {tp.tp_rank} got an unknown control message {type(msg).__name__}")
@@ -27,13 +34,20 @@ class Driver:
 
     def __init__(self, runner: ModelRunner) -> None:
         self.runner = runner
+        self.last_contact = time.monotonic()  # when every rank last heard from rank 0
 
     def step(self, plan: StepPlan):
         self.runner.tp.broadcast_object(plan)
-        return self.runner.execute(plan)
+        out = self.runner.execute(plan)
+        self.last_contact = time.monotonic()
+        return out
 
     def heartbeat(self) -> None:
+        """Every rank answers (a barrier), so a stalled one stalls the heartbeat and rank 0's
+        watchdog sees it even while no request runs."""
         self.runner.tp.broadcast_object(Heartbeat())
+        self.runner.tp.barrier()
+        self.last_contact = time.monotonic()
 
     def shutdown(self, reason: str = "shutdown") -> None:
         self.runner.tp.broadcast_object(Shutdown(reason))

@@ -19,10 +19,12 @@ import time
 
 from tpserve.engine.engine import LLMEngine
 from tpserve.engine.sequence import Sequence
-from tpserve.errors import InvalidRequest, Overloaded, Unavailable
+from tpserve.errors import ComputeError, InvalidRequest, Overloaded, Unavailable
 from tpserve.server.admission import AdmissionController
 
 logger = logging.getLogger(__name__)
+
+HEARTBEAT_S = 2.0  # rank 0 heartbeats the workers after this long without a step
 
 
 class RequestHandle:
@@ -50,12 +52,16 @@ class RequestHandle:
 
 
 class EngineLoop:
-    def __init__(self, engine: LLMEngine, max_queued_requests: int = 1024, heartbeat_s: float = 2.0,
-                 on_step=None, admission: AdmissionController | None = None) -> None:
+    def __init__(self, engine: LLMEngine, max_queued_requests: int = 1024, heartbeat_s: float = HEARTBEAT_S,
+                 on_step=None, admission: AdmissionController | None = None, watchdog=None,
+                 step_bound=None) -> None:
         """on_step(num_tokens), if given, runs on the engine thread after each forward step;
         `admission`, if given, refuses a request whose predicted time to first token misses the SLO
-        and learns the step cost from every step."""
+        and learns the step cost from every step. `watchdog` (tpserve.distributed.watchdog), if
+        given, bounds every step and heartbeat; `step_bound` (a StepBound) learns each step's time."""
         self.engine = engine
+        self.watchdog = watchdog
+        self.step_bound = step_bound
         self.on_step = on_step
         self.admission = admission
         self.max_queued_requests = max_queued_requests
@@ -130,7 +136,7 @@ class EngineLoop:
                 self._apply_commands(block=not self.engine.has_work())
                 if self.draining and (not self._handles or time.monotonic() >= self._drain_deadline):
                     self._abort_all()
-                    self._deliver(self.engine.step())
+                    self._deliver(self._watched_step())
                     # A request submitted just before the drain began may still be in the queue.
                     self._end_open_requests(Unavailable("the server drained and shut down before this request ran"))
                     self.engine.shutdown()
@@ -139,8 +145,10 @@ class EngineLoop:
                 stepped, started = False, time.perf_counter()
                 if self.engine.has_work():
                     steps = self.engine.num_steps
-                    self._deliver(self.engine.step())
+                    self._deliver(self._watched_step())
                     stepped = self.engine.num_steps > steps
+                elif time.monotonic() - self.engine.last_contact >= self.heartbeat_s:
+                    self._heartbeat()
                 self._publish_stats()
                 if stepped:  # the whole iteration: the step, delivering its outputs, publishing
                     self._observe_step(time.perf_counter() - started)
@@ -148,6 +156,28 @@ class EngineLoop:
             logger.exception("engine loop failed")
             self._fail(f"{type(e).__name__}: {e}")
             return 1
+
+    def _watched_step(self):
+        """engine.step() under the stall watchdog; its time teaches the adaptive step bound."""
+        if self.watchdog is not None:
+            self.watchdog.begin(f"engine step {self.engine.num_steps + 1}")
+        started = time.monotonic()
+        try:
+            return self.engine.step()
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.end()
+            if self.step_bound is not None:
+                self.step_bound.observe(time.monotonic() - started)
+
+    def _heartbeat(self) -> None:
+        if self.watchdog is not None:
+            self.watchdog.begin("the idle heartbeat")
+        try:
+            self.engine.heartbeat()
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.end()
 
     def _observe_step(self, seconds: float) -> None:
         if self.admission is not None:
@@ -183,17 +213,17 @@ class EngineLoop:
 
     def _calibration_step(self) -> None:
         steps, started = self.engine.num_steps, time.perf_counter()
-        self.engine.step()
+        self._watched_step()
         if self.engine.num_steps > steps:
             self._observe_step(time.perf_counter() - started)
 
     def _apply_commands(self, block: bool) -> None:
-        timeout = self.heartbeat_s if block else None
+        """Apply every queued command; with `block`, first wait for one until the next heartbeat
+        is due (the caller sends it)."""
+        timeout = max(0.0, self.heartbeat_s - (time.monotonic() - self.engine.last_contact))
         try:
             cmd = self._commands.get(timeout=timeout) if block else self._commands.get_nowait()
         except queue.Empty:
-            if block:
-                self.engine.heartbeat()
             return
         while True:
             self._apply(cmd)
@@ -233,7 +263,7 @@ class EngineLoop:
             handle = self._handles.get(out.request_id)
             if handle is None:
                 continue
-            handle.put(out)
+            handle.put(out if out.error is None else ComputeError(out.error))
             if out.finished:
                 with self._lock:
                     del self._handles[out.request_id]
@@ -242,6 +272,11 @@ class EngineLoop:
     def _abort_all(self) -> None:
         for request_id in self.engine.request_ids:
             self.engine.abort_request(request_id)
+
+    def stalled(self, message: str) -> None:
+        """The watchdog's word (on its own thread, while this loop is stuck in a step): fail every
+        open request and refuse new ones, as when the group fails."""
+        self._fail(f"stall: {message}")
 
     def _fail(self, message: str) -> None:
         with self._lock:
