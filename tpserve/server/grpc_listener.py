@@ -22,6 +22,50 @@ GENERATION_SERVICE = generation_pb2.DESCRIPTOR.services_by_name["Generation"].fu
 _SERVING, _NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 
 
+class _Undecodable:
+    """What a request that is not a valid protobuf message deserialises to (see DecodeGuard)."""
+
+    def __init__(self, message: str) -> None:
+        self.message = message
+
+
+class DecodeGuard(grpc.aio.ServerInterceptor):
+    """A request whose bytes do not parse as the method's message fails with INVALID_ARGUMENT,
+    naming the method and the parse error (grpc itself answers UNKNOWN, as for a server bug)."""
+
+    async def intercept_service(self, continuation, handler_call_details):
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.request_streaming or handler.request_deserializer is None:
+            return handler
+        method, deserialize = handler_call_details.method, handler.request_deserializer
+
+        def guarded_deserialize(data: bytes):
+            try:
+                return deserialize(data)
+            except Exception as e:  # protobuf's DecodeError, and anything else a parser raises
+                return _Undecodable(f"the request to {method} is not a valid protobuf message: "
+                                    f"{type(e).__name__}: {e}")
+
+        if handler.response_streaming:
+            behavior = handler.unary_stream
+
+            async def unary_stream(request, context):
+                if isinstance(request, _Undecodable):
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                async for response in behavior(request, context):
+                    yield response
+
+            return handler._replace(request_deserializer=guarded_deserialize, unary_stream=unary_stream)
+        behavior = handler.unary_unary
+
+        async def unary_unary(request, context):
+            if isinstance(request, _Undecodable):
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+            return await behavior(request, context)
+
+        return handler._replace(request_deserializer=guarded_deserialize, unary_unary=unary_unary)
+
+
 class GrpcListener:
     def __init__(self, core: ServingCore, host: str, port: int, max_message_bytes: int) -> None:
         self.core = core
@@ -36,7 +80,7 @@ class GrpcListener:
         options = [("grpc.max_receive_message_length", self.max_message_bytes),
                    ("grpc.max_send_message_length", self.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        self.server = grpc.aio.server(options=options)
+        self.server = grpc.aio.server(options=options, interceptors=[DecodeGuard()])
         generation_pb2_grpc.add_GenerationServicer_to_server(GenerationServicer(self.core), self.server)
         add_kserve_to_server(KServeServicer(self.core), self.server)
         self.health = HealthServicer()

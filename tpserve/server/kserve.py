@@ -45,18 +45,55 @@ def add_kserve_to_server(servicer, server) -> None:
     kpb_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
 
 
-def _decode_raw(datatype: str, raw: bytes) -> list:
+def _decode_raw(name: str, datatype: str, raw: bytes) -> list:
     if datatype == "BYTES":
         out, i = [], 0
         while i < len(raw):
+            if i + 4 > len(raw):
+                raise InputError(f"input {name!r}: raw BYTES content ends inside a length prefix at byte {i}")
             (n,) = struct.unpack_from("<I", raw, i)
+            if i + 4 + n > len(raw):
+                raise InputError(f"input {name!r}: raw BYTES element of {n} bytes at byte {i} runs past the "
+                                 f"content's {len(raw)} bytes")
             out.append(raw[i + 4 : i + 4 + n])
             i += 4 + n
         return out
     if datatype not in _FIXED:
-        raise InputError(f"input datatype {datatype!r} is not supported")
+        raise InputError(f"input {name!r}: datatype {datatype!r} is not supported")
     code, size = _FIXED[datatype]
+    if len(raw) % size:
+        raise InputError(f"input {name!r}: {len(raw)} raw bytes are not a whole number of {datatype} "
+                         f"elements of {size} bytes")
     return list(struct.unpack(f"<{len(raw) // size}{code}", raw))
+
+
+# What each sampling parameter accepts from OIP v2's untyped inputs and JSON (bool is not a number).
+_INT, _NUMBER = (int,), (int, float)
+_SAMPLING_TYPES = {"max_tokens": _INT, "min_tokens": _INT, "top_k": _INT, "seed": _INT, "logprobs": _INT,
+                   "prompt_logprobs": _INT, "temperature": _NUMBER, "top_p": _NUMBER, "min_p": _NUMBER,
+                   "repetition_penalty": _NUMBER, "presence_penalty": _NUMBER, "frequency_penalty": _NUMBER,
+                   "ignore_eos": (bool,)}
+
+
+def _check_sampling(sampling: dict) -> dict:
+    """Each value of the type its SamplingParams field takes, or an InputError naming it."""
+    for key, value in sampling.items():
+        allowed = _SAMPLING_TYPES.get(key)
+        if allowed is not None:
+            optional = key in ("seed", "logprobs", "prompt_logprobs") and value is None
+            if not optional and (not isinstance(value, allowed) or (isinstance(value, bool) and bool not in allowed)):
+                raise InputError(f"sampling parameter {key}={value!r} must be of type "
+                                 f"{' or '.join(t.__name__ for t in allowed)}")
+        elif key in ("stop", "stop_token_ids"):
+            kind = str if key == "stop" else int
+            if not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+                raise InputError(f"sampling parameter {key}={value!r} must be a list of {kind.__name__}")
+        elif key == "logit_bias":
+            try:
+                sampling[key] = {int(t): float(b) for t, b in dict(value).items()}
+            except (TypeError, ValueError, OverflowError):
+                raise InputError(f"sampling parameter logit_bias={value!r} must map token ids to numbers") from None
+    return sampling
 
 
 def _decode_contents(tensor) -> list:
@@ -76,22 +113,33 @@ def _param_value(p):
 def parse_request(req) -> tuple[str, bool, bool, SamplingParams]:
     """-> (text, stream, exclude_input_in_output, params)."""
     values = {}
+    if req.raw_input_contents and len(req.raw_input_contents) != len(req.inputs):
+        raise InputError(f"raw_input_contents has {len(req.raw_input_contents)} entries for {len(req.inputs)} inputs")
     for i, tensor in enumerate(req.inputs):
-        data = _decode_raw(tensor.datatype, req.raw_input_contents[i]) if req.raw_input_contents else _decode_contents(tensor)
+        data = (_decode_raw(tensor.name, tensor.datatype, req.raw_input_contents[i]) if req.raw_input_contents
+                else _decode_contents(tensor))
         if not data:
             raise InputError(f"input {tensor.name!r} is empty")
         values[tensor.name] = data[0]
     if "text_input" not in values:
         raise InputError("input 'text_input' (BYTES) is required")
     text = values.pop("text_input")
-    text = text.decode("utf-8") if isinstance(text, bytes) else str(text)
+    if not isinstance(text, bytes):
+        raise InputError(f"input 'text_input' must be BYTES (UTF-8 text), got {type(text).__name__} {text!r}")
+    try:
+        text = text.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"input 'text_input' is not valid UTF-8: {e}") from None
     sampling = {}
     if "sampling_parameters" in values:
         raw = values.pop("sampling_parameters")
         try:
-            sampling.update(json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw))
-        except json.JSONDecodeError as e:
+            parsed = json.loads(raw.decode("utf-8") if isinstance(raw, bytes) else raw)
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError) as e:
             raise InputError(f"sampling_parameters is not valid JSON: {e}") from None
+        if not isinstance(parsed, dict):
+            raise InputError(f"sampling_parameters must be a JSON object, got {type(parsed).__name__}")
+        sampling.update(parsed)
     options = {"stream": False, "exclude_input_in_output": False}
     for source in (values, {k: _param_value(v) for k, v in req.parameters.items()}):
         for key, value in source.items():
@@ -102,10 +150,7 @@ def parse_request(req) -> tuple[str, bool, bool, SamplingParams]:
     unknown = set(sampling) - SAMPLING_FIELDS
     if unknown:
         raise InputError(f"unknown sampling parameters {sorted(unknown)}")
-    try:
-        params = SamplingParams(**sampling)
-    except TypeError as e:
-        raise InputError(str(e)) from None
+    params = SamplingParams(**_check_sampling(sampling))
     return text, options["stream"], options["exclude_input_in_output"], params
 
 
