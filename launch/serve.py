@@ -54,7 +54,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--step-timeout", type=float, default=None,
                    help="stall watchdog: seconds one engine step may take before the group is declared stalled, "
                         "open requests fail with UNAVAILABLE and every rank exits (default: adaptive, 20x the "
-                        "longest recent step, between 5 and 20 s; workers wait that plus the heartbeat and 2 s)")
+                        "longest recent step, between 10 and 20 s; workers wait that plus the heartbeat and 2 s). "
+                        "Raise it where one step can legitimately take longer (a large model on CPU)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     add_engine_args(p)
     pre, _ = p.parse_known_args(argv)

@@ -28,8 +28,8 @@ def test_step_bound_adapts_after_warmup_within_its_floor_and_ceiling():
     for _ in range(wd.WARMUP_STEPS):
         bound.observe(0.01)
     assert bound.seconds() == wd.MIN_STEP_TIMEOUT_S  # 20 x 10 ms is under the floor
-    bound.observe(0.5)
-    assert bound.seconds() == pytest.approx(wd.STEP_TIMEOUT_FACTOR * 0.5)
+    bound.observe(0.75)
+    assert bound.seconds() == pytest.approx(wd.STEP_TIMEOUT_FACTOR * 0.75)
     bound.observe(5.0)
     assert bound.seconds() == wd.MAX_STEP_TIMEOUT_S
     fixed = wd.StepBound(3.0)

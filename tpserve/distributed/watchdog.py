@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 
 STALL_EXIT_CODE = 3
 MAX_STEP_TIMEOUT_S = 20.0  # the adaptive bound's ceiling
-MIN_STEP_TIMEOUT_S = 5.0  # its floor: GC pauses, a first-time kernel compile
+MIN_STEP_TIMEOUT_S = 10.0  # its floor: GC pauses, a first-time Triton compile of a new shape
 STEP_TIMEOUT_FACTOR = 20.0  # times the longest recent step
 WARMUP_STEPS = 16  # steps measured before the bound adapts (the ceiling holds until then)
 WORKER_MARGIN_S = 2.0  # a worker's bound past rank 0's: the heartbeat interval and the plan's trip
