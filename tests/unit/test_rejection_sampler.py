@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tpserve.engine.spec_decode.rejection import verify_greedy, verify_sampled
+from tpserve.engine.spec_decode.rejection import verify_coupled, verify_greedy, verify_sampled
 
 V, K, N = 6, 3, 100_000
 
@@ -83,3 +83,39 @@ def test_identical_distributions_accept_everything():
     p, _ = _dists(5)
     out = _run(p, p[:K].clone(), 2000, seed=6)
     assert (out >= 0).all(), "with q == p every proposal must be accepted"
+
+
+def _coupled(p, q, n, seed, k=K):
+    """Seeded verification over n runs: the draft proposes argmax(q / E) with the target's own
+    position draws E; -> emitted tokens [n, k + 1] (-1 past the end) and the plain samples argmax(p / E)."""
+    gen = torch.Generator().manual_seed(seed)
+    out = torch.full((n, k + 1), -1, dtype=torch.long)
+    plain = torch.empty((n, k + 1), dtype=torch.long)
+    for row in range(n):
+        noise = torch.empty(k + 1, V).exponential_(generator=gen)
+        proposals = [int((q[i] / noise[i]).argmax()) for i in range(k)]
+        tokens = verify_coupled(p[: k + 1], proposals, noise)
+        out[row, : len(tokens)] = torch.tensor(tokens)
+        plain[row] = (p[: k + 1] / noise).argmax(dim=-1)
+    return out, plain
+
+
+def test_coupled_verification_emits_exactly_the_plain_samples_whatever_k():
+    """A seeded request's tokens equal plain sampling's with the same position draws: where the
+    run stopped early the next step draws the next position's token from the same E."""
+    p, q = _dists(2)
+    for k in (0, 1, K):
+        out, plain = _coupled(p, q, 2000, seed=11, k=k)
+        emitted = out >= 0
+        assert torch.equal(out[emitted], plain[emitted])
+        assert bool(emitted[:, 0].all())
+
+
+def test_coupled_verification_is_lossless_and_accepts_often():
+    p, q = _dists(1)
+    out, _ = _coupled(p, q, N // 4, seed=5)
+    first = torch.bincount(out[:, 0], minlength=V).float() / out.shape[0]
+    assert torch.allclose(first, p[0], atol=0.01), (first, p[0])
+    accepted = (out[:, 1] >= 0).float().mean()  # the first proposal was accepted
+    tv = 0.5 * float((p[0] - q[0]).abs().sum())
+    assert accepted > (1 - tv) / (1 + tv) - 0.02, (accepted, tv)  # the Gumbel-max coupling's guarantee

@@ -105,9 +105,15 @@ def test_seeded_request_independent_of_batch_mates():
         sampler = Sampler(seed=len(mates_before) + 10 * len(mates_after))
         batch = seqs_with(mates_before + [seeded] + mates_after)
         pos = len(mates_before)
-        logits = torch.randn(len(batch), V)
-        logits[pos] = row[0]
-        return [sampler.sample(logits, batch)[0][pos] for _ in range(30)]
+        out = []
+        for _ in range(30):  # the same distribution at 30 successive positions
+            logits = torch.randn(len(batch), V)
+            logits[pos] = row[0]
+            token = sampler.sample(logits, batch)[0][pos]
+            out.append(token)
+            for s in batch:
+                s.token_ids.append(token)
+        return out
 
     alone = draw([], [])
     assert len(set(alone)) > 3, "sampling at temperature 1 should vary"
@@ -129,9 +135,20 @@ def test_seeded_sequence_reproducible_across_batches():
             batch = others + [s]
             logits = torch.cat([torch.randn(extra_rows, V), rows[t : t + 1]])
             out.append(sampler.sample(logits, batch)[0][-1])
+            s.token_ids.append(out[-1])
         return out
 
     assert run(0) == run(3) == run(7)
+
+
+def test_a_seeded_draw_depends_on_the_seed_and_the_position_only():
+    sampler = Sampler(seed=0)
+    a, b = seqs_with([SamplingParams(temperature=1.0, seed=5)] * 2, outputs=(7,))
+    b.token_ids[-1] = 9  # different context, same position
+    assert torch.equal(sampler.noise(a, a.num_tokens, V), sampler.noise(b, b.num_tokens, V))
+    assert not torch.equal(sampler.noise(a, 4, V), sampler.noise(a, 5, V))
+    c = seqs_with([SamplingParams(temperature=1.0, seed=6)], outputs=(7,))[0]
+    assert not torch.equal(sampler.noise(a, 4, V), sampler.noise(c, 4, V))
 
 
 def test_empirical_distribution_matches_softmax():

@@ -2,8 +2,11 @@
 
 Processing order (as in HF generate): repetition penalty, presence/frequency penalties, the
 min_tokens ban on stop tokens, temperature, top-k, top-p, min-p. Sampling draws by the exponential
-race (argmax of p / E, E ~ Exp(1)), which is an exact categorical sample; a seeded request draws
-its E from its own generator, so its tokens do not depend on its batch mates.
+race (argmax of p / E, E ~ Exp(1)), which is an exact categorical sample. A seeded request's E for
+the token at position t comes from a generator keyed by (seed, t) alone, so its tokens depend on
+nothing but its own context: not its batch mates, not preemption, not whether or how far it
+speculated (speculative verification of seeded requests uses the same E: see
+spec_decode/rejection.py, verify_coupled).
 """
 
 from __future__ import annotations
@@ -108,18 +111,18 @@ class Sampler:
         self.eos_token_ids = tuple(eos_token_ids)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def generator_for(self, seq: Sequence) -> torch.Generator:
-        """The request's own generator (seeded requests; kept on the sequence) or the engine's
-        shared one."""
+    def noise(self, seq: Sequence, position: int, vocab_size: int) -> torch.Tensor:
+        """[V] Exp(1) draws for the token at `position` of `seq`: keyed by (seed, position) for a
+        seeded request, from the engine's shared generator otherwise."""
         if seq.params.seed is None:
-            return self.generator
-        if seq.generator is None:
-            seq.generator = torch.Generator().manual_seed(seq.params.seed)
-        return seq.generator
+            generator = self.generator
+        else:
+            generator = torch.Generator().manual_seed(position_key(seq.params.seed, position))
+        return torch.empty(vocab_size).exponential_(generator=generator)
 
     def exponentials(self, seqs: list[Sequence], vocab_size: int) -> torch.Tensor:
-        """[B, V] Exp(1) draws, each row from its sequence's generator."""
-        return torch.stack([torch.empty(vocab_size).exponential_(generator=self.generator_for(s)) for s in seqs])
+        """[B, V] Exp(1) draws for each sequence's next token."""
+        return torch.stack([self.noise(s, s.num_tokens, vocab_size) for s in seqs])
 
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> tuple[list[int], list[TokenLogprobs | None]]:
         """logits [B, V] float32 for the last position of each sequence -> one token each."""
@@ -145,6 +148,14 @@ class Sampler:
         for i, lp in zip(wanted, scored):
             result[i] = lp
         return result
+
+
+def position_key(seed: int, position: int) -> int:
+    """A generator seed for one (request seed, token position) pair (splitmix64 of the two)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 1) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) & 0x7FFFFFFFFFFFFFFF
 
 
 def token_logprobs(logits: torch.Tensor, tokens: list[int], num_top: list[int]) -> list[TokenLogprobs]:

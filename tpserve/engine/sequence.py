@@ -1,7 +1,7 @@
 """A request's state on rank 0, in one place: its tokens, KV blocks and progress, what the worker
-ranks hold of its block table, its detokeniser and random generator, speculation's state of it,
-and its lifecycle timestamps. When the sequence goes, all of it goes. Plain Python: the detokeniser,
-generator and speculation state are held, not imported."""
+ranks hold of its block table, its detokeniser, speculation's state of it,
+and its lifecycle timestamps. When the sequence goes, all of it goes. Plain Python: the detokeniser
+and speculation state are held, not imported."""
 
 from __future__ import annotations
 
@@ -100,7 +100,6 @@ class Sequence:
     prompt_logprobs: list | None = None
     prompt_logprobs_sent: bool = False
     detokenizer: IncrementalDetokenizer | None = None
-    generator: Any = None  # a seeded request's own torch.Generator, made by the sampler at first use
     spec: SpecState | None = None  # speculative decoding's state of this sequence
     model: str = TARGET  # TARGET, or SMALL: served by the small model on rank 0 (tpserve.route)
     cache_model: str = TARGET  # whose prefix-cache chains its blocks join (its model when admitted)

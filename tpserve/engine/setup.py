@@ -249,7 +249,7 @@ def build_spec_decoder(args: EngineArgs, model_config: ModelConfig, runner: Mode
             draft_runner = small.runner
         else:
             draft_runner = small_model_runner(draft_dir, args, model_config, runner, max_model_len)
-        proposer = DraftProposer(draft_runner, engine.eos_token_ids, engine.sampler.generator_for)
+        proposer = DraftProposer(draft_runner, engine.eos_token_ids, engine.sampler.noise)
     controller = SpecController(args.num_speculative_tokens, adaptive=args.spec_policy == "adaptive",
                                 free_proposals=proposer.free_proposals)
     return SpecDecoder(proposer, controller, max_model_len)

@@ -23,7 +23,7 @@ from tpserve.engine.scheduler import SchedulerOutput, ScheduledSeq
 from tpserve.engine.sequence import Sequence
 from tpserve.engine.spec_decode.controller import SpecController
 from tpserve.engine.spec_decode.proposers import with_history
-from tpserve.engine.spec_decode.rejection import verify_greedy, verify_sampled
+from tpserve.engine.spec_decode.rejection import verify_coupled, verify_greedy, verify_sampled
 from tpserve.engine.spec_decode.shadow import ShadowVerifier
 from tpserve.engine.spec_decode.state import SpecStats, SpecTotals, spec_state
 
@@ -44,18 +44,14 @@ class SpecDecoder:
         """Choose this step's k from the running sequences that decode one token this step (not
         those recomputing after a preemption); returns each sequence's lookahead for the
         scheduler. When only some speculate (a probe), they are the ones cheapest for the proposer
-        to catch up on. Seeded sampled requests always get the fixed largest k, so their random
-        draws (and tokens) do not depend on load."""
+        to catch up on. (A seeded request's tokens do not depend on k: verify_coupled.)"""
         decoding = [s for s in running if s.is_decoding and s.num_computed_tokens == s.num_tokens - 1]
         k, count = self.controller.choose_k([spec_state(s).acceptance for s in decoding])
         self._k = k
         speculating = None if count >= len(decoding) else set(
             heapq.nsmallest(count, decoding, key=self.proposer.pending_tokens))
-        max_k = self.controller.max_k
 
         def lookahead(seq: Sequence) -> int:
-            if seq.params.seed is not None and not seq.params.greedy:
-                return max_k
             return k if speculating is None or seq in speculating else 0
 
         return lookahead
@@ -93,12 +89,16 @@ class SpecDecoder:
             start += len(props) + 1
             if seq.params.greedy:
                 tokens = verify_greedy(mine, props)
+            elif seq.params.seed is not None:  # the position-keyed draws plain sampling would use
+                noise = torch.stack([sampler.noise(seq, seq.num_tokens + i, rows.shape[-1])
+                                     for i in range(len(props) + 1)]).to(rows.device)
+                tokens = verify_coupled(mine.softmax(dim=-1), props, noise)
             else:
                 draft_probs = proposal.draft_probs
                 if draft_probs is None:  # deterministic proposer: one-hot draft distribution
                     draft_probs = torch.zeros(len(props), rows.shape[-1], device=rows.device)
                     draft_probs[torch.arange(len(props)), torch.tensor(props, dtype=torch.long)] = 1.0
-                tokens = verify_sampled(mine.softmax(dim=-1), draft_probs, props, sampler.generator_for(seq))
+                tokens = verify_sampled(mine.softmax(dim=-1), draft_probs, props, sampler.generator)
             if self.shadow is not None:
                 self.shadow.forget(seq)
             self._record_verification(seq, len(tokens) - 1, proposal.requested)

@@ -43,10 +43,10 @@ def with_history(seq: Sequence, extra: list[int]) -> Sequence:
 class DraftProposer:
     free_proposals = False  # one draft pass per proposed token
 
-    def __init__(self, runner, eos_token_ids: tuple[int, ...], generator_for) -> None:
+    def __init__(self, runner, eos_token_ids: tuple[int, ...], noise_for) -> None:
         self.runner = runner
         self.eos_token_ids = eos_token_ids
-        self.generator_for = generator_for
+        self.noise_for = noise_for  # Sampler.noise: the draws a proposal at a position uses
         self.num_forwards = 0
         self.last_passes: list[tuple[int, float]] = []  # (tokens, seconds) of each pass of the last propose
 
@@ -86,7 +86,9 @@ class DraftProposer:
                     proposals[i].tokens.append(int(processed[row].argmax()))
                     continue
                 p = processed[row].softmax(dim=-1)
-                noise = torch.empty(p.shape[-1]).exponential_(generator=self.generator_for(seq)).to(p.device)
+                # A seeded request's draws at a position are the ones its target uses there
+                # (verify_coupled); others take the shared generator's next draws.
+                noise = self.noise_for(seq, seq.num_tokens + len(proposals[i].tokens), p.shape[-1]).to(p.device)
                 proposals[i].tokens.append(int((p / noise).argmax()))
                 probs[i].append(p)
             # The tokens above were read back to the host, so the pass has finished on any device.

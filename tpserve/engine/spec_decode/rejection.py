@@ -52,3 +52,20 @@ def verify_sampled(target_probs: torch.Tensor, draft_probs: torch.Tensor, propos
         return out
     out.append(_draw(target_probs[len(proposals)], generator))
     return out
+
+
+def verify_coupled(target_probs: torch.Tensor, proposals: list[int], noise: torch.Tensor) -> list[int]:
+    """Verification for a seeded request: noise [k + 1, V] holds the Exp(1) draws of positions
+    t..t+k, the same ones plain sampling and the draft's proposals use there. The token at each
+    position is argmax(p / E) of the target's distribution, exactly what plain sampling would
+    emit, so the output is lossless (each E is fresh and independent of the context before it) and
+    does not depend on k, on the draft, or on whether the step speculated at all; a proposal is
+    accepted while it equals that token (the Gumbel-max coupling of draft and target)."""
+    out = []
+    for i, x in enumerate(proposals):
+        token = int((target_probs[i] / noise[i]).argmax())
+        out.append(token)
+        if token != x:
+            return out
+    out.append(int((target_probs[len(proposals)] / noise[len(proposals)]).argmax()))
+    return out
