@@ -18,11 +18,13 @@ import os
 import signal
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 from tpserve.config import ConfigError
 from tpserve.distributed import DistEnv, destroy_distributed, init_distributed
 from tpserve.engine.setup import add_engine_args, build_runtime, engine_args_from
 from tpserve.engine.worker import run_worker
+from tpserve.server.security import Security, add_security_args
 from tpserve.weights import CheckpointError
 
 logger = logging.getLogger("tpserve.serve")
@@ -57,6 +59,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "longest recent step, between 10 and 20 s; workers wait that plus the heartbeat and 2 s). "
                         "Raise it where one step can legitimately take longer (a large model on CPU)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
+    add_security_args(p)
     add_engine_args(p)
     pre, _ = p.parse_known_args(argv)
     if pre.operating_point is not None:
@@ -118,14 +121,18 @@ def serve_rank0(args, tp) -> int:
     from tpserve.distributed.watchdog import StepBound, Watchdog
 
     engine_args = engine_args_from(args)
+    security = Security.from_args(args)
     state = ServerState(args.served_model_name or Path(engine_args.model).name)
     metrics = make_metrics(args, engine_args, state, tp.tp_size) if args.metrics else None
+    if metrics is not None:
+        security.on_refused = metrics.observe_unauthenticated
     core = ServingCore(state, metrics)
-    listeners = [GrpcListener(core, args.host, args.port, args.max_message_bytes)]
+    listeners = [GrpcListener(core, args.host, args.port, args.max_message_bytes, security, args.health_port)]
     if args.http_port:
         from tpserve.server.http import HttpListener
 
-        listeners.append(HttpListener(core, args.host, args.http_port, read_chat_template(args.chat_template)))
+        listeners.append(HttpListener(core, args.host, args.http_port, read_chat_template(args.chat_template),
+                                      security))
     front = FrontEnd(state, listeners)
     front.start()
     drain_requested = []
@@ -207,14 +214,42 @@ def make_metrics(args, engine_args, state, tp_size: int):
                          max_model_len, engine_args.max_num_batched_tokens, config, args.slo_ttft or None)
 
 
-def worker_watchdog(args, tp):
+def worker_watchdog(args, tp, health=None):
     """A worker's bound on silence from rank 0: rank 0's longest step, its idle heartbeat
-    interval, and a margin for the message's trip."""
+    interval, and a margin for the message's trip. On a stall, `health` (if any) turns NOT_SERVING."""
     from tpserve.distributed.watchdog import WORKER_MARGIN_S, StepBound, Watchdog
     from tpserve.server.engine_loop import HEARTBEAT_S
 
+    def on_stall(message: str) -> None:
+        if health is not None:
+            from grpc_health.v1 import health_pb2
+
+            health.servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
+
     bound_s = StepBound(args.step_timeout).ceiling_s + HEARTBEAT_S + WORKER_MARGIN_S
-    return Watchdog(f"worker rank {tp.tp_rank}", lambda: bound_s, peer_pids=tp.local_peer_pids).start()
+    return Watchdog(f"worker rank {tp.tp_rank}", lambda: bound_s, on_stall, tp.local_peer_pids).start()
+
+
+def worker_health(args):
+    """--health-port on a worker node (its first local rank; global rank 0 is on another node):
+    plaintext grpc.health.v1 whose service "" is SERVING while this rank is in its group's worker
+    loop (it exits, and the port closes, when the group fails; NOT_SERVING while its watchdog ends
+    it). None elsewhere."""
+    if not args.health_port or int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        return None
+    from concurrent import futures
+
+    import grpc
+    from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), options=[("grpc.so_reuseport", 0)])
+    servicer = health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    if server.add_insecure_port(f"{args.host}:{args.health_port}") == 0:
+        raise OSError(f"could not bind the worker's gRPC health server to {args.host}:{args.health_port}")
+    server.start()
+    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    return SimpleNamespace(server=server, servicer=servicer)
 
 
 def die_with_launcher() -> None:
@@ -243,7 +278,8 @@ def main(argv=None) -> int:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         signal.signal(signal.SIGINT, signal.SIG_IGN)
         runner, _ = build_runtime(engine_args_from(args), tp)
-        run_worker(runner, worker_watchdog(args, tp))
+        health = worker_health(args)
+        run_worker(runner, worker_watchdog(args, tp, health))
         return 0
     finally:
         destroy_distributed()

@@ -11,9 +11,11 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import uuid
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 
@@ -50,9 +52,40 @@ def build_request(prompt: str | list[int], stream: bool, request_id: str | None 
     return req
 
 
+class _Bearer(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Adds `authorization: Bearer KEY` to every call (the server's --api-key)."""
+
+    def __init__(self, key: str) -> None:
+        self.metadata = ("authorization", f"Bearer {key}")
+
+    def _details(self, details):
+        return details._replace(metadata=[*(details.metadata or ()), self.metadata])
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+
+def open_channel(address: str, tls_ca: str | None = None, api_key: str | None = None,
+                 client_cert: str | None = None, client_key: str | None = None) -> grpc.Channel:
+    """A channel to a tpserve server: plaintext, or TLS trusting `tls_ca` (PEM; None with
+    client_cert: the system roots), presenting client_cert / client_key for mutual TLS; every call
+    bears `api_key` when given."""
+    if tls_ca or client_cert:
+        read = lambda path: Path(path).read_bytes() if path else None  # noqa: E731
+        credentials = grpc.ssl_channel_credentials(read(tls_ca), read(client_key), read(client_cert))
+        channel = grpc.secure_channel(address, credentials)
+    else:
+        channel = grpc.insecure_channel(address)
+    return grpc.intercept_channel(channel, _Bearer(api_key)) if api_key else channel
+
+
 class Client:
-    def __init__(self, address: str = "localhost:50051", timeout: float | None = None) -> None:
-        self.channel = grpc.insecure_channel(address)
+    def __init__(self, address: str = "localhost:50051", timeout: float | None = None, tls_ca: str | None = None,
+                 api_key: str | None = None, client_cert: str | None = None, client_key: str | None = None) -> None:
+        self.channel = open_channel(address, tls_ca, api_key, client_cert, client_key)
         self.stub = pb_grpc.GenerationStub(self.channel)
         self.timeout = timeout
 
@@ -105,13 +138,18 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=[])
     p.add_argument("--timeout", type=float, default=None, help="deadline in seconds")
+    p.add_argument("--tls-ca", default=None, help="PEM CA to trust: connect over TLS")
+    p.add_argument("--tls-client-cert", default=None, help="PEM client certificate (mutual TLS)")
+    p.add_argument("--tls-client-key", default=None)
+    p.add_argument("--api-key", default=os.environ.get("TPSERVE_API_KEY"), help="default: $TPSERVE_API_KEY")
     args = p.parse_args(argv)
     sampling = {"max_tokens": args.max_tokens, "stop": args.stop, "model": args.model}
     for key in ("temperature", "top_k", "top_p", "seed"):
         if getattr(args, key) is not None:
             sampling[key] = getattr(args, key)
     try:
-        with Client(args.address, args.timeout) as client:
+        with Client(args.address, args.timeout, args.tls_ca, args.api_key, args.tls_client_cert,
+                    args.tls_client_key) as client:
             if args.stream:
                 for resp in client.generate_stream(args.prompt, **sampling):
                     if resp.HasField("chunk"):

@@ -74,6 +74,9 @@ class ServerMetrics:
         self.rejected = Counter(PREFIX + "request_rejected", "Requests refused for load, by reason "
                                 "(queue_full: --max-queued-requests; slo_ttft: predicted to miss --slo-ttft).",
                                 ["model_name", "reason"], registry=self.registry)
+        self.unauthenticated = Counter(PREFIX + "request_unauthenticated", "Calls refused for a missing or wrong "
+                                       "API key, by protocol (grpc / http).", ["model_name", "protocol"],
+                                       registry=self.registry)
         self.slo = Counter(PREFIX + "request_slo_ttft", "Admitted requests that got a first token, by whether "
                            "it came within --slo-ttft (met: true / false).", ["model_name", "met"],
                            registry=self.registry)
@@ -81,6 +84,9 @@ class ServerMetrics:
 
     def observe_rejected(self, reason: str) -> None:
         self.rejected.labels(self.model_name, reason).inc()
+
+    def observe_unauthenticated(self, protocol: str) -> None:
+        self.unauthenticated.labels(self.model_name, protocol).inc()
 
     def observe_finished(self, out: RequestOutput) -> None:
         """A request's last output (front-end thread)."""

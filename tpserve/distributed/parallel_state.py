@@ -55,15 +55,19 @@ class TPGroup:
     local_peer_pids: tuple[int, ...] = ()  # the group's processes on this host, this one included
 
     def local_peers(self) -> tuple[int, ...]:
-        """Exchange (host, pid) over the cpu group once; the pids of the ranks on this host."""
+        """Exchange (host, pid) over the cpu group once, as plain integers (nothing is pickled);
+        the pids of the ranks on this host."""
         if self.tp_size == 1:
             return (os.getpid(),)
         import socket
 
-        everyone: list = [None] * self.tp_size
-        dist.all_gather_object(everyone, (socket.gethostname(), os.getpid()), group=self.cpu_group)
-        host = socket.gethostname()
-        return tuple(pid for h, pid in everyone if h == host)
+        host = socket.gethostname().encode("utf-8")[:255]
+        mine = torch.zeros(257, dtype=torch.int64)
+        mine[0], mine[1] = os.getpid(), len(host)
+        mine[2 : 2 + len(host)] = torch.tensor(list(host), dtype=torch.int64)
+        everyone = [torch.empty_like(mine) for _ in range(self.tp_size)]
+        dist.all_gather(everyone, mine, group=self.cpu_group)
+        return tuple(int(t[0]) for t in everyone if t[1] == len(host) and bool((t[2 : 2 + len(host)] == mine[2 : 2 + len(host)]).all()))
 
     @property
     def is_first(self) -> bool:
@@ -87,13 +91,23 @@ class TPGroup:
         dist.gather(x, parts, dst=self._global_rank(0), group=self.device_group)
         return torch.cat(parts, dim=dim) if self.is_first else None
 
-    def broadcast_object(self, obj: object | None = None) -> object:
-        """Send a small picklable control message from rank 0 to all ranks over the cpu group."""
+    def broadcast_bytes(self, data: bytes | None = None, max_bytes: int = 1 << 29) -> bytes:
+        """Send rank 0's `data` to every rank over the cpu group (a length, then the bytes); the
+        others pass None and get it. Never pickles: what the bytes mean is the caller's typed
+        decoder's business. A length over `max_bytes` is refused before anything is allocated."""
         if self.tp_size == 1:
-            return obj
-        box = [obj if self.is_first else None]
-        dist.broadcast_object_list(box, src=self._global_rank(0), group=self.cpu_group)
-        return box[0]
+            return data
+        src = self._global_rank(0)
+        length = torch.tensor([len(data) if self.is_first else 0], dtype=torch.int64)
+        dist.broadcast(length, src=src, group=self.cpu_group)
+        n = int(length.item())
+        if not 0 <= n <= max_bytes:
+            raise ValueError(f"rank 0 announced a control message of {n} bytes; the limit is {max_bytes}")
+        payload = (torch.frombuffer(bytearray(data), dtype=torch.uint8) if self.is_first and n
+                   else torch.empty(n, dtype=torch.uint8))
+        if n:
+            dist.broadcast(payload, src=src, group=self.cpu_group)
+        return data if self.is_first else payload.numpy().tobytes()
 
     def barrier(self) -> None:
         if self.tp_size > 1:

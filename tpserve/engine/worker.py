@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from tpserve.engine.model_runner import ModelRunner
-from tpserve.engine.step import Heartbeat, Shutdown, StepPlan
+from tpserve.engine.step import Heartbeat, Shutdown, StepPlan, decode, encode
 
 
 def run_worker(runner: ModelRunner, watchdog=None) -> None:
@@ -15,7 +15,7 @@ def run_worker(runner: ModelRunner, watchdog=None) -> None:
     one after it: silence from rank 0 past its bound ends the group."""
     tp = runner.tp
     while True:
-        msg = tp.broadcast_object(None)
+        msg = decode(tp.broadcast_bytes(None))  # ControlMessageError if malformed: the group ends
         if watchdog is not None:
             watchdog.touch("waiting for rank 0's next control message")
         if isinstance(msg, Shutdown):
@@ -37,7 +37,7 @@ class Driver:
         self.last_contact = time.monotonic()  # when every rank last heard from rank 0
 
     def step(self, plan: StepPlan):
-        self.runner.tp.broadcast_object(plan)
+        self.runner.tp.broadcast_bytes(encode(plan))
         out = self.runner.execute(plan)
         self.last_contact = time.monotonic()
         return out
@@ -45,9 +45,9 @@ class Driver:
     def heartbeat(self) -> None:
         """Every rank answers (a barrier), so a stalled one stalls the heartbeat and rank 0's
         watchdog sees it even while no request runs."""
-        self.runner.tp.broadcast_object(Heartbeat())
+        self.runner.tp.broadcast_bytes(encode(Heartbeat()))
         self.runner.tp.barrier()
         self.last_contact = time.monotonic()
 
     def shutdown(self, reason: str = "shutdown") -> None:
-        self.runner.tp.broadcast_object(Shutdown(reason))
+        self.runner.tp.broadcast_bytes(encode(Shutdown(reason)))

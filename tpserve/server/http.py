@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from tpserve.errors import InvalidRequest, RequestError, Unsupported
+from tpserve.server.security import UNAUTHENTICATED_MESSAGE, Security
 from tpserve.server import openai_responses as fmt
 from tpserve.server.choices import ChoiceSet
 from tpserve.server.core import ServingCore
@@ -35,8 +36,20 @@ def error_response(status: int, message: str, code: str | None = None, param: st
     return JSONResponse(fmt.error_body(status, message, code, param), status_code=status, headers=headers)
 
 
-def build_app(core: ServingCore, chat_template: str | None = None) -> FastAPI:
+def build_app(core: ServingCore, chat_template: str | None = None, security: Security | None = None) -> FastAPI:
     app = FastAPI(title="tpserve", version=VERSION)
+    security = security or Security()
+
+    if security.api_keys:
+        @app.middleware("http")
+        async def require_key(request: Request, call_next):
+            if security.http_needs_key(request.url.path) and \
+                    not security.authorized(request.headers.get("authorization")):
+                security.refused("http")
+                response = error_response(401, UNAUTHENTICATED_MESSAGE, "unauthenticated")
+                response.headers["WWW-Authenticate"] = "Bearer"
+                return response
+            return await call_next(request)
 
     @app.exception_handler(RequestError)
     async def on_request_error(request: Request, e: RequestError):
@@ -284,8 +297,10 @@ class _ChatReply(_Reply):
 class HttpListener:
     """Serves the app with uvicorn on the front end's event loop (no threads or processes of its own)."""
 
-    def __init__(self, core: ServingCore, host: str, port: int, chat_template: str | None = None) -> None:
-        self.app = build_app(core, chat_template)
+    def __init__(self, core: ServingCore, host: str, port: int, chat_template: str | None = None,
+                 security: Security | None = None) -> None:
+        self.security = security or Security()
+        self.app = build_app(core, chat_template, self.security)
         self.host = host
         self.port = port
         self.server: uvicorn.Server | None = None
@@ -302,7 +317,7 @@ class HttpListener:
             raise OSError(f"could not bind the HTTP server to {self.host}:{self.port}: {e}") from None
         port = sock.getsockname()[1]
         config = uvicorn.Config(self.app, log_level="warning", access_log=False, lifespan="off",
-                                timeout_graceful_shutdown=5)
+                                timeout_graceful_shutdown=5, **self.security.uvicorn_options())
         self.server = uvicorn.Server(config)
         self._task = asyncio.ensure_future(self.server.serve(sockets=[sock]))
         while not self.server.started:

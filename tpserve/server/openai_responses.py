@@ -13,7 +13,7 @@ from tpserve.errors import RequestError
 
 HTTP_STATUS = {"invalid_argument": 400, "failed_precondition": 400, "not_found": 404, "resource_exhausted": 429,
                "unavailable": 503, "internal": 500}
-ERROR_TYPE = {400: "invalid_request_error", 404: "not_found_error", 429: "rate_limit_error",
+ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error",
               503: "service_unavailable_error", 500: "server_error"}
 
 
