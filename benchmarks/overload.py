@@ -44,9 +44,9 @@ def start_server(args):
     return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
 
 
-def workload(n: int, seed: int, prompt_tokens: int, max_tokens: int) -> list[tuple[list[int], int]]:
+def workload(n: int, seed: int, prompt_tokens: int, max_tokens: int, vocab_size: int) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
-    return [([rng.randrange(3, 8000) for _ in range(prompt_tokens)], max_tokens) for _ in range(n)]
+    return [([rng.randrange(3, vocab_size) for _ in range(prompt_tokens)], max_tokens) for _ in range(n)]
 
 
 class Sampler:
@@ -92,16 +92,17 @@ async def offered(grpc_target: str, http_url: str, work, rate: float, seed: int)
 
     rng = random.Random(seed)
     async with connect(grpc_target) as over_grpc, connect(http_url) as over_http:
-        async def guarded(send, prompt, n):
+        async def guarded(send, prompt, n, protocol):
             try:
-                return await send(prompt, n)
+                return {**await send(prompt, n), "protocol": protocol}
             except Exception as e:  # noqa: BLE001
-                return {"rejected": False, "failed": f"{type(e).__name__}: {e}"}
+                return {"rejected": False, "failed": f"{type(e).__name__}: {e}", "protocol": protocol}
 
         tasks = []
         started = time.perf_counter()
         for i, (prompt, n) in enumerate(work):
-            tasks.append(asyncio.create_task(guarded(over_grpc if i % 2 == 0 else over_http, prompt, n)))
+            protocol = "grpc" if i % 2 == 0 else "http"
+            tasks.append(asyncio.create_task(guarded(over_grpc if i % 2 == 0 else over_http, prompt, n, protocol)))
             await asyncio.sleep(rng.expovariate(rate))
         results = await asyncio.gather(*tasks)
         return results, time.perf_counter() - started
@@ -133,12 +134,16 @@ def main() -> int:
 
         wait_ready(grpc_target, timeout=600, check=check)
         pids = rank_pids(proc.pid)
-        cap_work = workload(args.capacity_requests, args.seed, args.prompt_tokens, args.max_tokens)
+        from tpserve.client import Client
+
+        with Client(grpc_target) as client:
+            vocab = client.model_info().vocab_size
+        cap_work = workload(args.capacity_requests, args.seed, args.prompt_tokens, args.max_tokens, vocab)
         asyncio.run(run_load(grpc_target, cap_work[:16], float("inf"), args.max_num_seqs))  # warm-up
         results, elapsed = asyncio.run(run_load(grpc_target, cap_work, float("inf"), args.max_num_seqs))
         capacity = sum(not r["rejected"] for r in results) / elapsed
         rate = args.factor * capacity
-        work = workload(int(rate * args.seconds), args.seed + 1, args.prompt_tokens, args.max_tokens)
+        work = workload(int(rate * args.seconds), args.seed + 1, args.prompt_tokens, args.max_tokens, vocab)
         rss_before = {r: rss_mib(pid) for r, pid in pids.items()}
         with Sampler(grpc_target, pids) as sampler:
             results, elapsed = asyncio.run(offered(grpc_target, http_url, work, rate, args.seed))
@@ -162,6 +167,9 @@ def main() -> int:
            "refuse_p99_ms": round(pct(refuse_ms, 99), 2), "completed_req_s": round(len(done) / elapsed, 2),
            "ttft_p50_ms": round(pct(ttft_ms, 50), 1), "ttft_p99_ms": round(pct(ttft_ms, 99), 1),
            "max_waiting": sampler.max_waiting, "queue_limit": args.max_queued_requests}
+    for protocol in ("grpc", "http"):
+        mine = [r["reject_latency"] * 1000 for r in refused if r["protocol"] == protocol]
+        row[f"refuse_p99_{protocol}_ms"] = round(pct(mine, 99), 2)
     memory = [{"rank": r, "rss_before_mib": round(rss_before[r], 1), "rss_peak_mib": round(sampler.rss_peak[r], 1),
                "rss_after_mib": round(rss_after[r], 1)} for r in pids]
     print_table([row], list(row))
