@@ -15,33 +15,25 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import os
 import random
-import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 
 from common import machine_info, print_table, write_json
-from soak import free_port, rank_pids, rss_mib
+from soak import rss_mib
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tpserve.profile.server import ServerProcess  # noqa: E402
 
-def start_server(args):
-    port, http_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), "--master-port",
-           str(free_port()), str(ROOT / "launch" / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
-           "--http-port", str(http_port), "--dtype", "float32", "--max-num-seqs", str(args.max_num_seqs),
-           "--max-queued-requests", str(args.max_queued_requests)]
-    if args.model:
-        cmd += ["--model", args.model]
-    log = open(args.log, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
+
+def server_flags(args) -> list[str]:
+    flags = ["--dtype", "float32", "--max-num-seqs", str(args.max_num_seqs), "--max-queued-requests",
+             str(args.max_queued_requests)]
+    return flags + (["--model", args.model] if args.model else [])
 
 
 def workload(n: int, seed: int, prompt_tokens: int, max_tokens: int, vocab_size: int) -> list[tuple[list[int], int]]:
@@ -109,7 +101,7 @@ async def offered(grpc_target: str, http_url: str, work, rate: float, seed: int)
 
 
 def main() -> int:
-    from tpserve.loadgen import pct, run_load, wait_ready
+    from tpserve.loadgen import pct, run_load
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--factor", type=float, default=3.0)
@@ -126,14 +118,8 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reliability/overload.json"))
     args = p.parse_args()
 
-    proc, grpc_target, http_url = start_server(args)
-    try:
-        def check():
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}; see {args.log}")
-
-        wait_ready(grpc_target, timeout=600, check=check)
-        pids = rank_pids(proc.pid)
+    with ServerProcess(server_flags(args), args.nproc, Path(args.log)) as server:
+        grpc_target, http_url, pids = server.grpc, server.http, server.rank_pids()
         from tpserve.client import Client
 
         with Client(grpc_target) as client:
@@ -149,13 +135,6 @@ def main() -> int:
             results, elapsed = asyncio.run(offered(grpc_target, http_url, work, rate, args.seed))
         time.sleep(2.0)
         rss_after = {r: rss_mib(pid) for r, pid in pids.items()}
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
     failed = [r["failed"] for r in results if "failed" in r]
     refused = [r for r in results if r.get("rejected")]
     done = [r for r in results if not r.get("rejected") and "failed" not in r]

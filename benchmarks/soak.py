@@ -24,7 +24,6 @@ import asyncio
 import json
 import random
 import re
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -34,40 +33,13 @@ from common import machine_info, print_table, write_json
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tpserve.profile.server import ServerProcess  # noqa: E402
 
 
-def start_server(args) -> tuple[subprocess.Popen, str, str]:
-    port, http_port = free_port(), free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc), "--master-port",
-           str(free_port()), str(ROOT / "launch" / "serve.py"), "--host", "127.0.0.1", "--port", str(port),
-           "--http-port", str(http_port), "--dtype", "float32", "--num-kv-blocks", str(args.num_kv_blocks),
-           "--max-num-seqs", str(args.max_num_seqs), "--speculative-method", "draft", "--served-model-name", "soak"]
-    if args.model:
-        cmd += ["--model", args.model]
-    log = open(args.log, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-    return proc, f"127.0.0.1:{port}", f"http://127.0.0.1:{http_port}"
-
-
-def rank_pids(launcher_pid: int) -> dict[int, int]:
-    out = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
-    ranks = {}
-    for pid in map(int, out):
-        try:
-            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        for item in env:
-            if item.startswith(b"RANK="):
-                ranks[int(item[5:])] = pid
-    return ranks
+def server_flags(args) -> list[str]:
+    flags = ["--dtype", "float32", "--num-kv-blocks", str(args.num_kv_blocks), "--max-num-seqs",
+             str(args.max_num_seqs), "--speculative-method", "draft", "--served-model-name", "soak"]
+    return flags + (["--model", args.model] if args.model else [])
 
 
 def rss_mib(pid: int) -> float:
@@ -300,27 +272,8 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reliability/soak.json"))
     args = p.parse_args()
 
-    from tpserve.loadgen import wait_ready
-
-    proc, grpc_target, http_url = start_server(args)
-    try:
-        def check():
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited with {proc.returncode}; see {args.log}")
-
-        wait_ready(grpc_target, timeout=600, check=check)
-        pids = rank_pids(proc.pid)
-        result = asyncio.run(soak(args, grpc_target, http_url, pids))
-    finally:
-        import os
-        import signal
-
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
+    with ServerProcess(server_flags(args), args.nproc, Path(args.log)) as server:
+        result = asyncio.run(soak(args, server.grpc, server.http, server.rank_pids()))
     checks = result["checks"]
     print_table([{"check": k, "ok": v} for k, v in checks.items()], ["check", "ok"])
     print_table([{"requests": result["requests"], "seconds": result["seconds"], "preemptions": result["preemptions"],

@@ -13,6 +13,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from tests.dist_harness import free_port
+from tpserve.profile.server import rank_pids
 
 ROOT = Path(__file__).resolve().parent.parent
 READINESS = "tpserve.v1.Generation"
@@ -59,16 +60,7 @@ class ServerProc:
 
     def rank_pids(self) -> dict[int, int]:
         """RANK -> pid of each worker process torchrun started."""
-        out = subprocess.run(["pgrep", "-P", str(self.proc.pid)], capture_output=True, text=True).stdout.split()
-        ranks = {}
-        for pid in map(int, out):
-            try:
-                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            for item in env:
-                if item.startswith(b"RANK="):
-                    ranks[int(item[5:])] = pid
+        ranks = rank_pids(self.proc.pid)
         self.seen_ranks.update(ranks.values())
         return ranks
 

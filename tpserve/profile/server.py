@@ -28,6 +28,22 @@ def serve_script() -> Path:
     return path
 
 
+def rank_pids(launcher_pid: int) -> dict[int, int]:
+    """RANK -> pid of each process a torchrun (pid `launcher_pid`) started, read from their
+    environments (Linux)."""
+    out = subprocess.run(["pgrep", "-P", str(launcher_pid)], capture_output=True, text=True).stdout.split()
+    ranks = {}
+    for pid in map(int, out):
+        try:
+            env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        for item in env:
+            if item.startswith(b"RANK="):
+                ranks[int(item[5:])] = pid
+    return ranks
+
+
 class ServerProcess:
     """`with ServerProcess(flags, tp, log) as s:` starts the server and waits until it serves;
     s.grpc and s.http are its addresses."""
@@ -81,6 +97,9 @@ class ServerProcess:
         except TimeoutError:
             raise TimeoutError(f"the server did not serve within {self.ready_timeout_s:g} s; "
                                f"log:\n{self.log_tail()}") from None
+
+    def rank_pids(self) -> dict[int, int]:
+        return rank_pids(self.proc.pid)
 
     def log_tail(self, n: int = 3000) -> str:
         self._log.flush()
