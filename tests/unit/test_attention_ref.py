@@ -1,5 +1,6 @@
 """paged_attention_ref against dense per-query attention, for every mix of batched (short-query)
-and per-sequence (prefill) rows, with GQA, sliding windows and NaN in unwritten cache slots."""
+and per-sequence (prefill) rows, with GQA, sliding windows, NaN in unwritten cache slots, and
+decode contexts of very different lengths (split into length buckets)."""
 
 import pytest
 import torch
@@ -55,8 +56,15 @@ def _batch(seq_lens, q_lens, heads=4, kv_heads=2, head_dim=8, block_size=4, seed
     ([9, 30, 6, 12], [1, 5, 2, 4]),                # ragged short rows
     ([40, 9, 25, 7], [SHORT_QUERY_LEN + 9, 1, 4, 7]),  # a prefill chunk among decodes and verifications
     ([40, 21], [40, SHORT_QUERY_LEN + 1]),          # prefill only
+    ([3, 700, 9, 650, 40, 5, 720, 33, 300, 8], [1] * 10),  # decodes split into length buckets
+    ([3, 700, 9, 650, 40, 5, 720, 33], [2, 2, 1, 1, 2, 1, 2, 1]),  # two query lengths, each bucketed
 ])
 def test_matches_dense_attention(seq_lens, q_lens, window):
+    from tpserve.ops.attention import _short_groups
+
+    buckets = _short_groups(_batch(seq_lens, q_lens)[3], 4, window, torch.device("cpu"))
+    if len(seq_lens) >= 8:
+        assert len(buckets) > len(set(q_lens)), "long and short contexts should not share a padded gather"
     q, k_cache, v_cache, meta, ctx = _batch(seq_lens, q_lens)
     scale = 0.3
     got = paged_attention_ref(q, k_cache, v_cache, meta, scale, window)

@@ -92,9 +92,34 @@ class _Group:
     num_queries: int
 
 
+# A group of short sequences pads every context to its longest; splitting it into buckets of similar
+# lengths saves that padding's gather and attention at the price of one more gather and fused call
+# per bucket and layer, worth about this many padded context positions.
+BUCKET_COST_POSITIONS = 1024
+MAX_BUCKETS = 4
+
+
+def _length_buckets(seqs: list[int], seq_lens: list[int]) -> list[list[int]]:
+    """`seqs` split into at most MAX_BUCKETS runs of similar context length: of the equal-count
+    splits of the length-sorted list into 1..MAX_BUCKETS runs, the one with the fewest padded
+    positions plus BUCKET_COST_POSITIONS per run. Each run keeps the sequences' batch order."""
+    if len(seqs) < 2:
+        return [seqs]
+    ordered = sorted(seqs, key=lambda i: seq_lens[i])
+    best, best_cost = [seqs], len(seqs) * max(seq_lens[i] for i in seqs)
+    for k in range(2, min(MAX_BUCKETS, len(seqs)) + 1):
+        cuts = [round(j * len(ordered) / k) for j in range(k + 1)]
+        runs = [ordered[a:b] for a, b in zip(cuts, cuts[1:])]
+        cost = sum(len(r) * seq_lens[r[-1]] for r in runs) + (k - 1) * BUCKET_COST_POSITIONS
+        if cost < best_cost:
+            best, best_cost = [sorted(r) for r in runs], cost
+    return best
+
+
 def _short_groups(meta: AttentionMetadata, block_size: int, sliding_window: int | None, device) -> list[_Group]:
     """Short sequences grouped by query length (decodes: 1, verifications: k + 1), so that no group
-    pads its queries."""
+    pads its queries, and each such group split by context length (_length_buckets), so that little
+    of its gather and attention goes to padding."""
     starts = meta.query_start_loc_cpu
     by_len: dict[int, list[int]] = {}
     for i in range(meta.num_seqs):
@@ -103,7 +128,8 @@ def _short_groups(meta: AttentionMetadata, block_size: int, sliding_window: int 
             by_len.setdefault(n, []).append(i)
     groups = []
     table = meta.block_tables.long()
-    for n, seqs in sorted(by_len.items()):
+    buckets = [(n, run) for n, seqs in sorted(by_len.items()) for run in _length_buckets(seqs, meta.seq_lens_cpu)]
+    for n, seqs in buckets:
         everything = len(seqs) == meta.num_seqs  # then rows are 0..T-1 in order
         index = None if everything else torch.tensor(seqs, dtype=torch.long, device=device)
         seq_lens = meta.seq_lens.long() if everything else meta.seq_lens.long()[index]
