@@ -5,6 +5,13 @@ requested output (left-padded prompts, EOS ignored) and is credited only with th
 request asked for; it is measured at several batch sizes and the best is compared.
 
     python benchmarks/offline_throughput.py [--model DIR] [--num-requests 64] [--output out/x.json]
+    python benchmarks/offline_throughput.py --workload long-mixed [--tp 1 2] [--output out/y.json]
+
+Workloads: `random` (the default: random token ids, prompt and output lengths uniform in
+--prompt-len / --output-len) and `long-mixed` (prompts of 40-1,200 characters cut from the bundled
+corpus's held-out Python files, outputs of 16, 32, 64, 128 or 256 tokens, EOS ignored). With
+`long-mixed` the script also measures whole processes, model load included: launch/generate.py at
+each --tp (torchrun for TP > 1) against a process running transformers at its best batch size.
 """
 
 from __future__ import annotations
@@ -75,8 +82,73 @@ def run_transformers(model_dir, work, dtype, batch_size):
             "seconds": elapsed, "tok_per_s": tokens / elapsed}, outputs
 
 
+def long_mixed_workload(model_dir, num_requests: int, seed: int) -> list[tuple[list[int], int]]:
+    """Prompts of 40-1,200 characters of held-out Python (files the bundled models never trained
+    on), outputs of 16-256 tokens."""
+    import random
+
+    from tpserve.bundled.corpus import load_corpus
+    from tpserve.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(str(model_dir))
+    _, heldout = load_corpus()
+    files = sorted(f for f, text in heldout.items() if len(text) > 1300)
+    rng = random.Random(seed)
+    work = []
+    for _ in range(num_requests):
+        text = heldout[rng.choice(files)]
+        length = rng.randint(40, 1200)
+        start = rng.randrange(len(text) - length)
+        work.append((tokenizer.encode(text[start : start + length]), rng.choice([16, 32, 64, 128, 256])))
+    return work
+
+
+def whole_process(cmd: list[str]) -> float:
+    """Seconds from spawning `cmd` to its exit (it must succeed)."""
+    import subprocess
+
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+    return time.perf_counter() - t0
+
+
+def whole_process_rows(args, model_dir, work, best_batch: int) -> list[dict]:
+    """launch/generate.py at each TP and a transformers process at `best_batch`, model load included."""
+    import json
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    tmp = Path(tempfile.mkdtemp())
+    inp = tmp / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt_token_ids": p, "max_tokens": n, "temperature": 0.0, "ignore_eos": True})
+                           + "\n" for p, n in work))
+    tokens = sum(n for _, n in work)
+    rows = []
+    for tp in args.tp:
+        launcher = [sys.executable] if tp == 1 else [sys.executable, "-m", "torch.distributed.run",
+                                                     "--nproc-per-node", str(tp)]
+        seconds = whole_process([*launcher, str(root / "launch" / "generate.py"), "--model", str(model_dir),
+                                 "--input", str(inp), "--output", str(tmp / f"out{tp}.jsonl"), "--dtype", args.dtype,
+                                 "--max-num-seqs", str(args.max_num_seqs)])
+        rows.append({"system": f"tpserve TP{tp} (process)", "batch": f"continuous<={args.max_num_seqs}",
+                     "output_tokens": tokens, "seconds": seconds, "tok_per_s": tokens / seconds})
+    seconds = whole_process([sys.executable, __file__, "--workload", args.workload, "--model", str(model_dir),
+                             "--num-requests", str(args.num_requests), "--seed", str(args.seed), "--dtype", args.dtype,
+                             "--only-transformers-batch", str(best_batch)])
+    rows.append({"system": "transformers (process)", "batch": str(best_batch), "output_tokens": tokens,
+                 "seconds": seconds, "tok_per_s": tokens / seconds})
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--workload", choices=["random", "long-mixed"], default="random")
+    p.add_argument("--tp", type=int, nargs="+", default=[1, 2], help="long-mixed: whole-process runs of tpserve")
+    p.add_argument("--only-transformers-batch", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--model", default=None)
     p.add_argument("--num-requests", type=int, default=64)
     p.add_argument("--prompt-len", type=int, nargs=2, default=[16, 256])
@@ -94,9 +166,15 @@ def main() -> None:
 
     model_dir = args.model or DEFAULT_MODEL_DIR
     cfg = ModelConfig.from_dir(model_dir)
-    work = seeded_workload(args.num_requests, cfg.vocab_size, tuple(args.prompt_len), tuple(args.output_len),
-                           args.seed)
+    if args.workload == "long-mixed":
+        work = long_mixed_workload(model_dir, args.num_requests, args.seed)
+    else:
+        work = seeded_workload(args.num_requests, cfg.vocab_size, tuple(args.prompt_len), tuple(args.output_len),
+                               args.seed)
     dtype = getattr(torch, args.dtype)
+    if args.only_transformers_batch:  # the whole-process measurement's child: load, run, exit
+        run_transformers(model_dir, work, dtype, args.only_transformers_batch)
+        return
     rows = []
     ours, our_tokens = run_tpserve(model_dir, work, args.dtype, args.max_num_seqs, args.max_num_batched_tokens)
     rows.append(ours)
@@ -111,9 +189,19 @@ def main() -> None:
     print_table(rows, ["system", "batch", "output_tokens", "seconds", "tok_per_s", "steps", "overhead_frac",
                        "same_tokens_as_tpserve"])
     print(f"\ntpserve / best transformers (batch {best['batch']}): {ratio:.2f}x")
-    write_json(args.output, {"model": str(model_dir), "dtype": args.dtype, "num_requests": args.num_requests,
-                             "prompt_len": args.prompt_len, "output_len": args.output_len, "rows": rows,
-                             "ratio_vs_best_transformers": ratio, "machine": machine_info()})
+    ratios = {"in_process": ratio}
+    if args.workload == "long-mixed":
+        process_rows = whole_process_rows(args, model_dir, work, int(best["batch"]))
+        print_table(process_rows, ["system", "batch", "output_tokens", "seconds", "tok_per_s"])
+        hf = process_rows[-1]["tok_per_s"]
+        for row in process_rows[:-1]:
+            ratios[f"whole_process_{row['system'].split()[1]}"] = row["tok_per_s"] / hf
+            print(f"{row['system']} / transformers process (batch {best['batch']}): {row['tok_per_s'] / hf:.2f}x")
+        rows += process_rows
+    write_json(args.output, {"model": str(model_dir), "dtype": args.dtype, "workload": args.workload,
+                             "num_requests": args.num_requests, "prompt_len": args.prompt_len,
+                             "output_len": args.output_len, "rows": rows, "ratio_vs_best_transformers": ratio,
+                             "ratios": ratios, "machine": machine_info()})
 
 
 if __name__ == "__main__":
