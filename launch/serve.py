@@ -56,7 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--step-timeout", type=float, default=None,
                    help="stall watchdog: seconds one engine step may take before the group is declared stalled, "
                         "open requests fail with UNAVAILABLE and every rank exits (default: adaptive, 20x the "
-                        "longest recent step, between 10 and 20 s; workers wait that plus the heartbeat and 2 s). "
+                        "longest step so far, between 10 and 12 s; workers wait twice that plus 4 s). "
                         "Raise it where one step can legitimately take longer (a large model on CPU)")
     p.add_argument("--device", default=None, choices=["cpu", "cuda"], help="default: cuda if available")
     add_security_args(p)
@@ -156,8 +156,8 @@ def serve_rank0(args, tp) -> int:
     bound = StepBound(args.step_timeout)
 
     def on_stall(message: str) -> None:  # the watchdog thread: the engine thread is stuck in a step
-        front.set_phase(FAILED)
         loop.stalled(message)
+        front.set_phase(FAILED, timeout=2.0)
         front.stop(grace_s=1.0)  # let the error events and statuses reach the clients
 
     watchdog = Watchdog("rank 0", bound.seconds, on_stall, tp.local_peer_pids).start()
@@ -215,10 +215,9 @@ def make_metrics(args, engine_args, state, tp_size: int):
 
 
 def worker_watchdog(args, tp, health=None):
-    """A worker's bound on silence from rank 0: rank 0's longest step, its idle heartbeat
-    interval, and a margin for the message's trip. On a stall, `health` (if any) turns NOT_SERVING."""
-    from tpserve.distributed.watchdog import WORKER_MARGIN_S, StepBound, Watchdog
-    from tpserve.server.engine_loop import HEARTBEAT_S
+    """A worker's bound on silence from rank 0 (tpserve.distributed.watchdog.worker_bound_s). On a
+    stall, `health` (if any) turns NOT_SERVING."""
+    from tpserve.distributed.watchdog import StepBound, Watchdog, worker_bound_s
 
     def on_stall(message: str) -> None:
         if health is not None:
@@ -226,7 +225,7 @@ def worker_watchdog(args, tp, health=None):
 
             health.servicer.set("", health_pb2.HealthCheckResponse.NOT_SERVING)
 
-    bound_s = StepBound(args.step_timeout).ceiling_s + HEARTBEAT_S + WORKER_MARGIN_S
+    bound_s = worker_bound_s(StepBound(args.step_timeout).ceiling_s)
     return Watchdog(f"worker rank {tp.tp_rank}", lambda: bound_s, on_stall, tp.local_peer_pids).start()
 
 

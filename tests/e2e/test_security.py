@@ -143,6 +143,9 @@ def test_tls_and_api_keys(model_dir, pki, tmp_path):
                 assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
         with open_channel(srv.address, ca) as ch:
             assert health(ch) == health_pb2.HealthCheckResponse.SERVING
+            watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""), timeout=5)
+            assert next(watch).status == health_pb2.HealthCheckResponse.SERVING  # (a coroutine-style method)
+            watch.cancel()
             from tritonclient.grpc import service_pb2 as kpb
             from tritonclient.grpc import service_pb2_grpc as kpb_grpc
 

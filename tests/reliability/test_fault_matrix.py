@@ -118,17 +118,16 @@ def port_free(port: int) -> bool:
 
 
 def bound_for(rank: int, action: str, step_timeout: float | None) -> float:
-    """How long detection may take: rank 0 bounds a step; a worker waits rank 0's ceiling plus the
-    heartbeat and its margin; a kill or an exception breaks the peers' sockets at once."""
-    from tpserve.distributed.watchdog import WORKER_MARGIN_S, StepBound
-    from tpserve.server.engine_loop import HEARTBEAT_S
+    """How long detection may take: rank 0 bounds a step; a worker waits worker_bound_s (two of
+    rank 0's ceilings and a margin); a kill or an exception breaks the peers' sockets at once."""
+    from tpserve.distributed.watchdog import StepBound, worker_bound_s
 
     if step_timeout is None:
         return DEFAULT_BOUND_S
     if action != "stop":
         return SLACK_S
     ceiling = StepBound(step_timeout).ceiling_s
-    return ceiling + (HEARTBEAT_S + WORKER_MARGIN_S if rank == 0 else 0.0) + SLACK_S
+    return (worker_bound_s(ceiling) if rank == 0 else ceiling) + SLACK_S
 
 
 def run_fault(model_dir, tmp_path, rank: int, action: str, phase: str, step_timeout: float | None) -> dict:

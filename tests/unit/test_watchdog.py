@@ -28,10 +28,14 @@ def test_step_bound_adapts_after_warmup_within_its_floor_and_ceiling():
     for _ in range(wd.WARMUP_STEPS):
         bound.observe(0.01)
     assert bound.seconds() == wd.MIN_STEP_TIMEOUT_S  # 20 x 10 ms is under the floor
-    bound.observe(0.75)
-    assert bound.seconds() == pytest.approx(wd.STEP_TIMEOUT_FACTOR * 0.75)
+    bound.observe(0.55)
+    assert bound.seconds() == pytest.approx(wd.STEP_TIMEOUT_FACTOR * 0.55)
+    for _ in range(1000):
+        bound.observe(0.01)
+    assert bound.seconds() == pytest.approx(wd.STEP_TIMEOUT_FACTOR * 0.55)  # the longest so far counts
     bound.observe(5.0)
     assert bound.seconds() == wd.MAX_STEP_TIMEOUT_S
+    assert wd.worker_bound_s(wd.MAX_STEP_TIMEOUT_S) <= 30  # a stopped rank 0, detected within 30 s
     fixed = wd.StepBound(3.0)
     fixed.observe(100.0)
     assert fixed.seconds() == fixed.ceiling_s == 3.0
@@ -150,6 +154,34 @@ def test_a_request_whose_logits_turn_nonfinite_fails_alone():
         wait_until(lambda: served.door.stats.kv_blocks_in_use == 0)
         again = served.collect("again", [7, 8], max_tokens=10, **GREEDY)  # the server goes on
         assert [t for o in again for t in o.new_token_ids] == greedy_reference([7, 8], 10)
+    finally:
+        assert served.stop() == 0
+    assert served.engine.leftovers() == {}
+
+
+def test_a_scoring_request_whose_logits_turn_nonfinite_fails_and_caches_nothing():
+    served = Served()
+    driver = served.engine.driver
+    step = driver.step
+
+    def step_with_nan(plan):  # every logit row of the scoring request turns NaN
+        logits = step(plan)
+        row = 0
+        for work in plan.seqs:
+            if not work.sample:
+                continue
+            if work.seq_id == 0:
+                logits[row : row + work.num_logits] = torch.nan
+            row += work.num_logits
+        return logits
+
+    driver.step = step_with_nan
+    served.start()
+    try:
+        with pytest.raises(ComputeError, match="not finite"):
+            served.collect("score", [4, 5, 6, 7, 8, 9, 10, 11, 12], max_tokens=0, prompt_logprobs=1)
+        wait_until(lambda: served.door.stats.kv_blocks_in_use == 0)
+        assert served.door.stats.kv_blocks_cached == 0  # its K/V did not enter the prefix cache
     finally:
         assert served.stop() == 0
     assert served.engine.leftovers() == {}

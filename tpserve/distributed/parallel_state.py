@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import os
+from pathlib import Path
 from dataclasses import dataclass
 
 import torch
@@ -59,9 +60,7 @@ class TPGroup:
         the pids of the ranks on this host."""
         if self.tp_size == 1:
             return (os.getpid(),)
-        import socket
-
-        host = socket.gethostname().encode("utf-8")[:255]
+        host = host_key().encode("utf-8")[:255]
         mine = torch.zeros(257, dtype=torch.int64)
         mine[0], mine[1] = os.getpid(), len(host)
         mine[2 : 2 + len(host)] = torch.tensor(list(host), dtype=torch.int64)
@@ -91,7 +90,7 @@ class TPGroup:
         dist.gather(x, parts, dst=self._global_rank(0), group=self.device_group)
         return torch.cat(parts, dim=dim) if self.is_first else None
 
-    def broadcast_bytes(self, data: bytes | None = None, max_bytes: int = 1 << 29) -> bytes:
+    def broadcast_bytes(self, data: bytes | None = None, max_bytes: int = 64 << 20) -> bytes:
         """Send rank 0's `data` to every rank over the cpu group (a length, then the bytes); the
         others pass None and get it. Never pickles: what the bytes mean is the caller's typed
         decoder's business. A length over `max_bytes` is refused before anything is allocated."""
@@ -115,6 +114,20 @@ class TPGroup:
 
     def _global_rank(self, group_rank: int) -> int:
         return dist.get_global_rank(self.cpu_group, group_rank)
+
+
+def host_key() -> str:
+    """What "the same host" means for signalling a peer by pid: the same hostname, kernel boot and
+    pid namespace (containers that share a hostname do not share pids)."""
+    import socket
+
+    parts = [socket.gethostname()]
+    try:
+        parts.append(Path("/proc/sys/kernel/random/boot_id").read_text().strip())
+        parts.append(str(os.stat("/proc/self/ns/pid").st_ino))
+    except OSError:  # not Linux: the hostname alone
+        pass
+    return "|".join(parts)
 
 
 def init_distributed(

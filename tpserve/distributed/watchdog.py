@@ -8,18 +8,18 @@ still pass. So every rank runs a `Watchdog` thread that watches one bounded acti
 - rank 0 bounds each engine step and each idle heartbeat (both wait on every rank) by
   `StepBound`: `--step-timeout` when given, else an adaptive bound from the step times it has
   measured, never over `MAX_STEP_TIMEOUT_S`;
-- a worker bounds the wait from one control message to the next (rank 0 heartbeats while idle,
-  so silence longer than its longest step plus a heartbeat means rank 0 is gone).
+- a worker bounds the wait from one control message to the next (`worker_bound_s`): that wait can
+  span the rest of one step and the start of the next up to its broadcast (draft proposals
+  included), so two of rank 0's ceilings and a margin; rank 0 heartbeats while idle.
 
-On expiry the owner's `on_stall` runs (rank 0 fails every open request and turns health
-NOT_SERVING), then the rank SIGKILLs its peers on the same host (a stopped process ignores
-everything else, and the launcher would wait its own grace period before doing the same) and exits
-with `STALL_EXIT_CODE`, so torchrun, Slurm or Kubernetes sees a failed group and restarts it.
+On expiry the rank SIGKILLs its peers on the same host (a stopped process ignores everything else,
+and the launcher would wait its own grace period before doing the same), then the owner's
+`on_stall` runs (rank 0 fails every open request and turns health NOT_SERVING), and the rank
+exits with `STALL_EXIT_CODE`, so torchrun, Slurm or Kubernetes sees a failed group and restarts it.
 """
 
 from __future__ import annotations
 
-import collections
 import logging
 import os
 import signal
@@ -29,27 +29,32 @@ import time
 logger = logging.getLogger(__name__)
 
 STALL_EXIT_CODE = 3
-MAX_STEP_TIMEOUT_S = 20.0  # the adaptive bound's ceiling
+MAX_STEP_TIMEOUT_S = 12.0  # the adaptive bound's ceiling (a stopped rank 0: 2 x 12 + 4 = 28 s)
 MIN_STEP_TIMEOUT_S = 10.0  # its floor: GC pauses, a first-time Triton compile of a new shape
-STEP_TIMEOUT_FACTOR = 20.0  # times the longest recent step
+STEP_TIMEOUT_FACTOR = 20.0  # times the longest step so far
 WARMUP_STEPS = 16  # steps measured before the bound adapts (the ceiling holds until then)
-WORKER_MARGIN_S = 2.0  # a worker's bound past rank 0's: the heartbeat interval and the plan's trip
+WORKER_MARGIN_S = 4.0  # a worker's bound past two of rank 0's: the heartbeat interval and the trips
+
+
+def worker_bound_s(ceiling_s: float) -> float:
+    """How long a worker may go without a message from rank 0."""
+    return 2 * ceiling_s + WORKER_MARGIN_S
 
 
 class StepBound:
     """How long one step may take: fixed (`--step-timeout S`), or adaptive: the ceiling until
-    WARMUP_STEPS steps are measured, then STEP_TIMEOUT_FACTOR times the longest of the last 256,
-    clamped to [MIN_STEP_TIMEOUT_S, MAX_STEP_TIMEOUT_S]."""
+    WARMUP_STEPS steps are measured, then STEP_TIMEOUT_FACTOR times the longest step so far (a
+    full-budget prefill long ago still counts), clamped to [MIN_STEP_TIMEOUT_S, MAX_STEP_TIMEOUT_S]."""
 
-    def __init__(self, fixed_s: float | None = None, window: int = 256) -> None:
+    def __init__(self, fixed_s: float | None = None) -> None:
         if fixed_s is not None and not fixed_s > 0:
             raise ValueError(f"--step-timeout must be > 0 seconds, got {fixed_s}")
         self.fixed_s = fixed_s
-        self._recent: collections.deque[float] = collections.deque(maxlen=window)
+        self._longest = 0.0
         self._num_observed = 0
 
     def observe(self, seconds: float) -> None:
-        self._recent.append(seconds)
+        self._longest = max(self._longest, seconds)
         self._num_observed += 1
 
     @property
@@ -62,7 +67,7 @@ class StepBound:
             return self.fixed_s
         if self._num_observed < WARMUP_STEPS:
             return MAX_STEP_TIMEOUT_S
-        return min(MAX_STEP_TIMEOUT_S, max(MIN_STEP_TIMEOUT_S, STEP_TIMEOUT_FACTOR * max(self._recent)))
+        return min(MAX_STEP_TIMEOUT_S, max(MIN_STEP_TIMEOUT_S, STEP_TIMEOUT_FACTOR * self._longest))
 
 
 class Watchdog:
@@ -115,13 +120,13 @@ class Watchdog:
             self.fired = (f"{self.name}: {what} made no progress for {time.monotonic() - started:.1f} s "
                           f"(bound {deadline - started:.1f} s; --step-timeout); a rank of the group is stalled")
             logger.error("stall watchdog: %s; ending the group", self.fired)
+            kill_peers(self.peer_pids)
             try:
                 if self.on_stall is not None:
                     self.on_stall(self.fired)
             except Exception:
                 logger.exception("stall watchdog: on_stall failed")
             finally:
-                kill_peers(self.peer_pids)
                 logging.shutdown()
                 self._exit(STALL_EXIT_CODE)
             return

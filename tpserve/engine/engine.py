@@ -175,9 +175,7 @@ class LLMEngine:
                      f"{seq.num_output_tokens} output tokens at position {seq.num_computed_tokens}; "
                      f"the request was stopped and the server goes on")
         self.scheduler.finish(seq, "error")
-        if seq.background:
-            return
-        if seq not in updated:
+        if seq not in updated:  # (_emit removes a background one without emitting it)
             updated.append(seq)
 
     def _emit(self, updated: list[Sequence]) -> list[RequestOutput]:
@@ -279,7 +277,9 @@ def mark_nonfinite(batch: SchedulerOutput, logits) -> list[ScheduledSeq]:
     request with a masked-out token has -inf only after sampling's processing, not here)."""
     if logits is None or not len(logits):
         return []
-    finite = torch.isfinite(logits).all(dim=-1)
+    # NaN propagates through max and min, and an infinity shows in one of them: two [rows] reductions
+    # instead of a [rows, V] mask.
+    finite = torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))
     if bool(finite.all()):
         return []
     failed, row = [], 0

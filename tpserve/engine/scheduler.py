@@ -240,6 +240,8 @@ class Scheduler:
         updated = []
         for item in batch.scheduled:
             seq = item.seq
+            if item.nonfinite:  # the engine fails it next; its K/V must not enter the prefix cache
+                continue
             num_accepted = len(item.tokens) - 1 if item.tokens else 0
             seq.num_computed_tokens += item.num_new_tokens + num_accepted
             self.block_manager.commit(seq, seq.num_computed_tokens)

@@ -66,7 +66,9 @@ MAGIC = 0x7470_7365_7276_6531  # "tpservE1"
 VERSION = 1
 _PLAN, _HEARTBEAT, _SHUTDOWN = 1, 2, 3
 MAX_ID = 2**31 - 1  # token ids, block ids, positions and counts all fit an int32
-MAX_MESSAGE_WORDS = 1 << 26  # 512 MiB: far past any real plan, short of an allocation a liar could ask for
+MAX_SEQ_ID = 2**63 - 1  # sequence ids count up for the server's lifetime
+MAX_MESSAGE_BYTES = 64 << 20  # far past any real plan (a 16k-token chunk is 128 KiB), short of harm
+MAX_MESSAGE_WORDS = MAX_MESSAGE_BYTES // 8
 
 
 class ControlMessageError(ValueError):
@@ -138,10 +140,10 @@ def decode(data: bytes):
         except UnicodeDecodeError as e:
             raise ControlMessageError(f"the shutdown reason is not UTF-8: {e}") from None
     else:
-        finished = r.ints("the finished sequence ids")
+        finished = r.ints("the finished sequence ids", 0, MAX_SEQ_ID)
         seqs = []
         for i in range(r.int("the number of sequences")):
-            seq_id = r.int(f"sequence {i}'s id")
+            seq_id = r.int(f"sequence {i}'s id", 0, MAX_SEQ_ID)
             start = r.int(f"sequence {seq_id}'s computed tokens")
             tokens = r.ints(f"sequence {seq_id}'s token ids")
             n_table = r.int(f"sequence {seq_id}'s block table length", -1)

@@ -19,6 +19,8 @@ def run_worker(runner: ModelRunner, watchdog=None) -> None:
         if watchdog is not None:
             watchdog.touch("waiting for rank 0's next control message")
         if isinstance(msg, Shutdown):
+            if watchdog is not None:
+                watchdog.stop()  # what follows (teardown) is not a stall
             return
         if isinstance(msg, Heartbeat):
             tp.barrier()  # a round trip: rank 0's heartbeat waits for every rank

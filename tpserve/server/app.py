@@ -41,10 +41,10 @@ class FrontEnd:
         self.ports = [self._call(listener.start()) for listener in self.listeners]
         return self.ports
 
-    def set_phase(self, phase: str) -> None:
+    def set_phase(self, phase: str, timeout: float = 30.0) -> None:
         self.state.phase = phase
         for listener in self.listeners:
-            self._call(listener.set_phase(phase))
+            self._call(listener.set_phase(phase), timeout)
         logger.info("server phase: %s", phase)
 
     def stop(self, grace_s: float) -> None:

@@ -147,8 +147,8 @@ class EngineLoop:
                     steps = self.engine.num_steps
                     self._deliver(self._watched_step())
                     stepped = self.engine.num_steps > steps
-                elif time.monotonic() - self.engine.last_contact >= self.heartbeat_s:
-                    self._heartbeat()
+                if time.monotonic() - self.engine.last_contact >= self.heartbeat_s:
+                    self._heartbeat()  # idle, or a step that sent the workers nothing
                 self._publish_stats()
                 if stepped:  # the whole iteration: the step, delivering its outputs, publishing
                     self._observe_step(time.perf_counter() - started)

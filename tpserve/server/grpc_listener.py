@@ -3,6 +3,7 @@ Protocol, grpc.health.v1 (service "" is liveness, tpserve.v1.Generation readines
 
 from __future__ import annotations
 
+import inspect
 import logging
 
 import grpc
@@ -49,12 +50,17 @@ class DecodeGuard(grpc.aio.ServerInterceptor):
 
         if handler.response_streaming:
             behavior = handler.unary_stream
-
-            async def unary_stream(request, context):
-                if isinstance(request, _Undecodable):
-                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
-                async for response in behavior(request, context):
-                    yield response
+            if inspect.isasyncgenfunction(behavior):
+                async def unary_stream(request, context):
+                    if isinstance(request, _Undecodable):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    async for response in behavior(request, context):
+                        yield response
+            else:  # a coroutine that writes its responses (health's Watch)
+                async def unary_stream(request, context):
+                    if isinstance(request, _Undecodable):
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, request.message)
+                    return await behavior(request, context)
 
             return handler._replace(request_deserializer=guarded_deserialize, unary_stream=unary_stream)
         behavior = handler.unary_unary
@@ -86,19 +92,20 @@ class AuthGuard(grpc.aio.ServerInterceptor):
         async def refuse(context):
             await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
 
+        ignore = {"request_deserializer": lambda data: None}  # a refused request is not parsed
         if handler.response_streaming:
             async def streaming(request, context):
                 await refuse(context)
                 yield  # (an async generator, as the handler's kind requires)
 
             kind = "stream_stream" if handler.request_streaming else "unary_stream"
-            return handler._replace(**{kind: streaming})
+            return handler._replace(**{kind: streaming}, **ignore)
 
         async def unary(request, context):
             await refuse(context)
 
         kind = "stream_unary" if handler.request_streaming else "unary_unary"
-        return handler._replace(**{kind: unary})
+        return handler._replace(**{kind: unary}, **ignore)
 
 
 class GrpcListener:
