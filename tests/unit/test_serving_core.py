@@ -272,3 +272,32 @@ def test_a_request_caught_by_the_end_of_a_drain_gets_unavailable():
     assert isinstance(error, Unavailable) and "drained" in str(error)
     assert engine.driver.shut_down
     loop.close()
+
+
+def test_http_connections_have_tcp_nodelay():
+    """Responses are written as headers, then body: without TCP_NODELAY on the accepted socket the
+    body waits for the client's delayed ACK (40 ms on Linux)."""
+    import socket
+
+    from tpserve.server.http import HttpListener
+
+    served = Served().start()
+    listener = HttpListener(served.core, "127.0.0.1", 0)
+    front = FrontEnd(served.state, [listener])
+    try:
+        (port,) = front.start()
+        accepted = []
+
+        async def peek():  # the transports uvicorn's connections run on
+            for server in listener.server.servers:
+                for sock in server.sockets:
+                    accepted.append(sock.proto)
+
+        front._call(peek())
+        assert accepted and all(proto == socket.IPPROTO_TCP for proto in accepted)
+        with socket.create_connection(("127.0.0.1", port)) as client:
+            client.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert client.recv(1024).startswith(b"HTTP/1.1 ")
+    finally:
+        front.stop(grace_s=0.1)
+        served.stop()
