@@ -14,10 +14,33 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 
 
+_GIVEN: set[int] = set()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port nothing listens on now, taken from below the kernel's ephemeral range: a port from
+    inside it (what binding port 0 gives) can be taken by an outgoing connection (gloo opens many)
+    before the server binds it. Never the same port twice in one process."""
+    import random
+
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(10000, low) if low > 11000 else 0
+        if port in _GIVEN:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            port = s.getsockname()[1]
+        _GIVEN.add(port)
+        return port
+    raise OSError("no free port found")
 
 
 def serve_script() -> Path:
