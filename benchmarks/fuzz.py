@@ -31,7 +31,7 @@ def main() -> int:
     p.add_argument("--out", default=str(ROOT / "benchmarks/results/reliability/fuzz.json"))
     args = p.parse_args()
     counts_file = Path(tempfile.mkdtemp()) / "counts.json"
-    env = {**os.environ, "TPSERVE_FUZZ_EXAMPLES": str(args.examples), "TPSERVE_FUZZ_RESULTS": str(counts_file)}
+    env = {**os.environ, "TPSERVE_FUZZ_EXAMPLES": str(args.examples), "TPSERVE_FUZZ_RANDOM": "1", "TPSERVE_FUZZ_RESULTS": str(counts_file)}
     started = time.monotonic()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
                            "tests/reliability/test_fuzz.py"], cwd=ROOT, env=env, capture_output=True, text=True)

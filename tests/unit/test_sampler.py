@@ -182,7 +182,7 @@ def test_logprobs_are_raw_model_logprobs():
     ({"stop": ["x"] * 17}, "17 stop strings given; at most 16"),
     ({"stop": ["y" * 300]}, "length 300 exceeds the limit 256"),
     ({"logprobs": 21}, "logprobs=21 must be in"),
-    ({"stop_token_ids": [V]}, f"stop token id {V} is outside"),
+    ({"stop_token_ids": [V]}, f"stop_token_ids: token id {V} is outside"),
     ({"top_k": V + 1}, f"top_k={V + 1} exceeds the vocabulary size {V}"),
 ])
 def test_validation_names_value_and_limit(kwargs, msg):

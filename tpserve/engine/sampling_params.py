@@ -85,7 +85,7 @@ class SamplingParams:
                 raise SamplingError(f"top_k={self.top_k} exceeds the vocabulary size {vocab_size}")
             bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
             if bad:
-                raise SamplingError(f"stop token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
+                raise SamplingError(f"stop_token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab_size})")
 
     @property
     def greedy(self) -> bool:

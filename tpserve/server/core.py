@@ -132,7 +132,7 @@ class ServingCore:
         vocab = self.model_info().vocab_size
         bad = [t for t in token_ids if not (isinstance(t, int) and 0 <= t < vocab)]
         if bad:
-            raise InvalidRequest(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+            raise InvalidRequest(f"token_ids: token id {bad[0]} is outside the vocabulary [0, {vocab})")
         return tok.decode(token_ids, skip_special_tokens=True)
 
     def _tokenizer(self):

@@ -76,7 +76,7 @@ class RequestFactory:
             vocab = self.limits.vocab_size
             bad = [t for t in ids if not (isinstance(t, int) and 0 <= t < vocab)]
             if bad:
-                raise RequestRejected(f"token id {bad[0]} is outside the vocabulary [0, {vocab})")
+                raise RequestRejected(f"prompt token id {bad[0]} is outside the vocabulary [0, {vocab})")
         if not ids:
             raise RequestRejected("prompt is empty")
         return ids
