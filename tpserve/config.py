@@ -217,6 +217,7 @@ class CacheConfig:
     num_blocks: int | None = None
     cache_memory_bytes: int | None = None
     gpu_memory_utilization: float = 0.9
+    contiguous_rows: bool = True  # CPU attention reads per-sequence rows (tpserve.ops.kv_rows)
 
     def __post_init__(self) -> None:
         if not 1 <= self.block_size <= 1024 or self.block_size & (self.block_size - 1):

@@ -14,6 +14,7 @@ from tpserve.engine.step import StepPlan
 from tpserve.models import build_model
 from tpserve.ops import dispatch
 from tpserve.ops.attention import AttentionMetadata
+from tpserve.ops.kv_rows import KVRows
 from tpserve.quant.methods import quant_method_for
 from tpserve.weights import load_weights
 
@@ -37,6 +38,7 @@ class ModelRunner:
         model_dir: str | Path,
         show_progress: bool = True,
         max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 256,
     ) -> None:
         self.model_config = model_config
         self.cache_config = cache_config
@@ -50,6 +52,7 @@ class ModelRunner:
         self.block_tables: dict[int, list[int]] = {}
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
+        self.rows = self._make_rows(max_num_seqs)
         if tp.is_first:
             logger.info(
                 "KV cache: %d blocks x %d tokens = %d tokens per rank (%.1f MiB per rank)",
@@ -123,6 +126,15 @@ class ModelRunner:
             caches.append((k, v))
         return caches
 
+    def _make_rows(self, max_num_seqs: int) -> KVRows | None:
+        """Contiguous K/V rows for the CPU attention path (tpserve.ops.kv_rows); None where the
+        Triton kernels read the blocks themselves, or when turned off."""
+        if not self.cache_config.contiguous_rows or dispatch.uses_triton(self.device):
+            return None
+        attn = self.model.model.layers[0].self_attn.attn
+        return KVRows(self.model_config.num_hidden_layers, attn.num_kv_heads, attn.head_dim, max_num_seqs,
+                      self.model_config.max_position_embeddings, self.model_config.dtype, self.device)
+
     # --- inputs -------------------------------------------------------------------------------
     def forget_block_tables(self) -> None:
         """Drop every block table (a runner whose plans always carry full tables: the draft's)."""
@@ -162,10 +174,16 @@ class ModelRunner:
             seq_lens.append(end)
             if seq.sample:
                 logits_idx.extend(range(len(input_ids) - seq.num_logits, len(input_ids)))
-        max_blocks = max(len(t) for t in tables)
-        table_tensor = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
-        for i, table in enumerate(tables):
-            table_tensor[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
+        rows = None
+        if self.rows is not None:  # attention reads the rows: no block table tensor to build
+            rows = self.rows.prepare([s.seq_id for s in plan.seqs], [s.num_computed_tokens for s in plan.seqs],
+                                     [len(s.token_ids) for s in plan.seqs], tables, bs, self.kv_caches)
+            table_tensor = torch.zeros(len(tables), 0, dtype=torch.int32)
+        else:
+            max_blocks = max(len(t) for t in tables)
+            table_tensor = torch.zeros(len(tables), max_blocks, dtype=torch.int32)
+            for i, table in enumerate(tables):
+                table_tensor[i, : len(table)] = torch.tensor(table, dtype=torch.int32)
         dev = self.device
         meta = AttentionMetadata(
             slot_mapping=torch.tensor(slots, dtype=torch.int64, device=dev),
@@ -176,6 +194,7 @@ class ModelRunner:
             seq_lens_cpu=seq_lens,
             max_query_len=max(b - a for a, b in zip(query_start, query_start[1:])),
             max_seq_len=max(seq_lens),
+            rows=rows,
         )
         ids = torch.tensor(input_ids, dtype=torch.int64, device=dev)
         pos = torch.tensor(positions, dtype=torch.int64, device=dev)
@@ -190,6 +209,8 @@ class ModelRunner:
             self.apply_block_diffs(plan)
             return None
         ids, pos, meta, logits_idx = self.prepare(plan)
-        hidden = self.model(ids, pos, self.kv_caches, meta)
+        caches = self.kv_caches if self.rows is None else [
+            (k, v, *self.rows.layer(i)) for i, (k, v) in enumerate(self.kv_caches)]
+        hidden = self.model(ids, pos, caches, meta)
         logits = self.model.compute_logits(hidden[logits_idx])
         return None if logits is None else logits.float()

@@ -28,6 +28,7 @@ class EngineArgs:
     num_kv_blocks: int | None = None
     kv_cache_memory: int | None = None
     gpu_memory_utilization: float = 0.9
+    contiguous_rows: bool = True
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 2048
     max_model_len: int | None = None
@@ -61,6 +62,9 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes per rank")
     g.add_argument("--gpu-memory-utilization", type=float, default=0.9,
                    help="fraction of GPU memory for weights, activations and KV cache")
+    g.add_argument("--no-contiguous-rows", dest="contiguous_rows", action="store_false",
+                   help="CPU: attend by gathering the paged blocks each layer instead of reading per-sequence "
+                        "contiguous K/V rows (the rows cost up to max-num-seqs x the longest context of memory)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
     g.add_argument("--max-model-len", type=int, default=None, help="default: the model's max positions")
@@ -109,7 +113,8 @@ def engine_args_from(ns: argparse.Namespace) -> EngineArgs:
     return EngineArgs(
         model=str(ns.model or DEFAULT_MODEL_DIR), dtype=ns.dtype, block_size=ns.block_size,
         num_kv_blocks=ns.num_kv_blocks, kv_cache_memory=ns.kv_cache_memory,
-        gpu_memory_utilization=ns.gpu_memory_utilization, max_num_seqs=ns.max_num_seqs,
+        gpu_memory_utilization=ns.gpu_memory_utilization, contiguous_rows=ns.contiguous_rows,
+        max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, max_model_len=ns.max_model_len,
         enable_prefix_caching=ns.enable_prefix_caching, seed=ns.seed,
         speculative_method=ns.speculative_method or ("draft" if ns.draft_model else "none"),
@@ -144,11 +149,11 @@ def build_runtime(args: EngineArgs, tp: TPGroup) -> tuple[ModelRunner, LLMEngine
         )
     cache_config = CacheConfig(
         block_size=args.block_size, num_blocks=args.num_kv_blocks, cache_memory_bytes=args.kv_cache_memory,
-        gpu_memory_utilization=args.gpu_memory_utilization,
+        gpu_memory_utilization=args.gpu_memory_utilization, contiguous_rows=args.contiguous_rows,
     )
     scheduler_config = SchedulerConfig(args.max_num_seqs, args.max_num_batched_tokens, max_model_len)
     runner = ModelRunner(model_config, cache_config, tp, args.model,
-                         max_num_batched_tokens=args.max_num_batched_tokens)
+                         max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
     if not tp.is_first:
         return runner, None
     engine = LLMEngine(
@@ -194,9 +199,10 @@ def small_model_runner(model_dir: str, args: EngineArgs, model_config: ModelConf
     if cfg.max_position_embeddings < max_model_len:
         raise ConfigError(f"model {model_dir} has max_position_embeddings={cfg.max_position_embeddings}, below the "
                           f"served max_model_len={max_model_len}; pass --max-model-len {cfg.max_position_embeddings}")
-    cache = CacheConfig(block_size=runner.block_size, num_blocks=runner.num_blocks)
+    cache = CacheConfig(block_size=runner.block_size, num_blocks=runner.num_blocks,
+                        contiguous_rows=args.contiguous_rows)
     return ModelRunner(cfg, cache, TPGroup(device=runner.device), model_dir,
-                       max_num_batched_tokens=args.max_num_batched_tokens)
+                       max_num_batched_tokens=args.max_num_batched_tokens, max_num_seqs=args.max_num_seqs)
 
 
 def build_router(args: EngineArgs):

@@ -20,7 +20,7 @@ from tpserve.layers.norm import RMSNorm
 from tpserve.layers.rotary import RotaryEmbedding
 from tpserve.ops.attention import AttentionMetadata
 
-KVCache = tuple[torch.Tensor, torch.Tensor]
+KVCache = tuple[torch.Tensor, ...]  # (k_cache, v_cache[, k_rows, v_rows])
 
 
 class LlamaAttention(nn.Module):

@@ -28,6 +28,8 @@ class AttentionMetadata:
     block_tables [num_seqs, max_blocks_per_seq] int32 (unused entries are 0).
     The *_cpu lists mirror the tensors for host-side loops. `derived` memoises per-step index
     tensors that every layer would otherwise rebuild (filled by the attention implementation).
+    `rows` is the step's plan over the contiguous K/V rows (tpserve.ops.kv_rows) when the runner
+    keeps them; block_tables may then be empty.
     """
 
     slot_mapping: torch.Tensor
@@ -39,6 +41,7 @@ class AttentionMetadata:
     max_query_len: int
     max_seq_len: int
     derived: dict = field(default_factory=dict, repr=False, compare=False)
+    rows: object = None  # tpserve.ops.kv_rows.RowsStep when the CPU path reads contiguous rows
 
     @property
     def num_seqs(self) -> int:

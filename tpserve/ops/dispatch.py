@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from tpserve.errors import ConfigError
 from tpserve.ops.attention import AttentionMetadata, paged_attention_ref, write_kv_cache
+from tpserve.ops.kv_rows import rows_attention, write_rows
 from tpserve.ops.quant import w4a16_matmul_ref, w8a16_matmul_ref
 
 BACKENDS = ("auto", "triton", "torch")
@@ -68,6 +69,11 @@ def require_kernels(device: torch.device) -> None:
                           "rather than putting the repository on PYTHONPATH")
 
 
+def uses_triton(device: torch.device) -> bool:
+    """Whether attention and matmuls on `device` take the Triton path under the current backend."""
+    return _backend == "triton" or (_backend == "auto" and device.type == "cuda" and triton_available())
+
+
 def _use_triton(x: torch.Tensor) -> bool:
     if _backend == "auto":
         return x.is_cuda and triton_available()
@@ -83,9 +89,16 @@ def attention(
     meta: AttentionMetadata,
     scale: float,
     sliding_window: int | None = None,
+    rows: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Write the new k, v [T, Hkv, D] into the paged caches [num_blocks, block_size, Hkv, D] at
-    meta.slot_mapping, then attend q [T, Hq, D] over each sequence's context -> [T, Hq, D]."""
+    meta.slot_mapping, then attend q [T, Hq, D] over each sequence's context -> [T, Hq, D].
+    With `rows` (the layer's contiguous K/V rows, CPU) and meta.rows, the new K/V also go into the
+    rows and attention reads them instead of gathering blocks."""
+    if rows is not None and meta.rows is not None:
+        write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
+        write_rows(k, v, *rows, meta.rows)
+        return rows_attention(q, *rows, meta.rows, scale, sliding_window)
     if not _use_triton(q):
         write_kv_cache(k, v, k_cache, v_cache, meta.slot_mapping)
         return paged_attention_ref(q, k_cache, v_cache, meta, scale, sliding_window)
