@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from tpserve.config import ConfigError
@@ -103,5 +104,15 @@ def cli(argv=None) -> int:
         return 2
 
 
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown (about 0.4 s once torch is loaded, a fifth of a
+    short job's start-up and exit): every result is already written, closed and synced, and
+    the process group is destroyed; logs and the standard streams are flushed here."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(cli())
+    exit_now(cli())

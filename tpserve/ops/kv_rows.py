@@ -61,12 +61,17 @@ class RowsStep:
     long_seqs: list[tuple[int, int, int, int]]  # (row, first query row, end query row, context length)
     masks: dict = field(default_factory=dict, repr=False)  # (bucket, sliding window) -> [S, 1, Q, L]
 
-    def mask(self, i: int, sliding_window: int | None) -> torch.Tensor:
-        key = (i, sliding_window)
+    def mask(self, i: int, sliding_window: int | None, groups: int) -> torch.Tensor:
+        """Bucket i's additive mask [S, 1, groups * Q, length]: 0 where a query may attend, -inf
+        elsewhere; rows ordered (query head within its KV group, query)."""
+        key = (i, sliding_window, groups)
         if key not in self.masks:
             b = self.buckets[i]
             k_pos = torch.arange(b.length, device=b.q_pos.device)
-            self.masks[key] = _allowed(b.q_pos, k_pos, sliding_window)[:, None]
+            allowed = _allowed(b.q_pos, k_pos, sliding_window)  # [S, Q, L]
+            s, q, n = allowed.shape
+            add = torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
+            self.masks[key] = add[:, None, None].expand(s, 1, groups, q, n).reshape(s, 1, groups * q, n)
         return self.masks[key]
 
 
@@ -266,21 +271,33 @@ def write_rows(k: torch.Tensor, v: torch.Tensor, k_rows: torch.Tensor, v_rows: t
 def rows_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, step: RowsStep, scale: float,
                    sliding_window: int | None = None) -> torch.Tensor:
     """paged_attention_ref's result (packed q [T, H, D] -> [T, H, D]) read from the rows, whose
-    contexts already include the new tokens: one fused call per bucket over a view of the rows,
-    one per long (prefill) sequence over its row."""
-    num_heads, head_dim = q.shape[1:]
-    gqa = num_heads != k_rows.shape[1]
+    contexts already include the new tokens.
+
+    A bucket is two batched matmuls over views of its rows, with each KV head's G = H / Hkv query
+    heads (times Q queries) as the rows of one matrix, so K/V are read once per KV head and never
+    copied (on this CPU 1.5-2x faster than the fused attention call for decode shapes). A long
+    (prefill) sequence takes one fused call over its row."""
+    num_tokens, num_heads, head_dim = q.shape
+    num_kv = k_rows.shape[1]
+    groups = num_heads // num_kv
     out = torch.empty_like(q)
     for i, b in enumerate(step.buckets):
-        q_b = q[b.token_rows].view(b.stop - b.start, b.num_queries, num_heads, head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(
-            q_b, k_rows[b.start : b.stop, :, : b.length], v_rows[b.start : b.stop, :, : b.length],
-            attn_mask=step.mask(i, sliding_window), scale=scale, enable_gqa=gqa)
-        out[b.token_rows] = o.transpose(1, 2).reshape(-1, num_heads, head_dim)
+        s, n = b.stop - b.start, b.num_queries
+        q_b = q[b.token_rows].view(s, n, num_kv, groups, head_dim)  # head h = kv head * groups + g
+        q_b = q_b.view(s, num_kv, groups, head_dim) if n == 1 else \
+            q_b.permute(0, 2, 3, 1, 4).reshape(s, num_kv, groups * n, head_dim)
+        keys, values = k_rows[b.start : b.stop, :, : b.length], v_rows[b.start : b.stop, :, : b.length]
+        scores = torch.matmul(q_b, keys.transpose(-1, -2)).mul_(scale).add_(step.mask(i, sliding_window, groups))
+        o = torch.matmul(torch.softmax(scores, dim=-1), values)  # [S, Hkv, G * Q, D]
+        if n == 1:
+            out[b.token_rows] = o.view(s, num_heads, head_dim)
+        else:
+            out[b.token_rows] = o.view(s, num_kv, groups, n, head_dim).permute(0, 3, 1, 2, 4).reshape(
+                s * n, num_heads, head_dim)
     for row, qs, qe, length in step.long_seqs:
         k_pos = torch.arange(length, device=q.device)
         allowed = _allowed(k_pos[length - (qe - qs):], k_pos, sliding_window)
         out[qs:qe] = F.scaled_dot_product_attention(
             q[qs:qe].transpose(0, 1), k_rows[row, :, :length], v_rows[row, :, :length], attn_mask=allowed,
-            scale=scale, enable_gqa=gqa).transpose(0, 1)
+            scale=scale, enable_gqa=groups > 1).transpose(0, 1)
     return out
