@@ -89,7 +89,11 @@ def apply_logit_bias(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor
 
 
 def process_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tuple[int, ...]) -> torch.Tensor:
-    """logits [B, V] float32 (not modified) -> processed logits; greedy rows skip temperature."""
+    """logits [B, V] float32 (not modified) -> processed logits; greedy rows skip temperature.
+    A batch of greedy rows with nothing to apply gets `logits` itself back (read-only): top-k,
+    top-p and min-p never remove the most likely token, so its argmax is the answer."""
+    if all(_nothing_to_apply(s) for s in seqs):
+        return logits
     logits = apply_penalties(logits.clone(), seqs)
     logits = apply_logit_bias(logits, seqs)
     logits = ban_stop_tokens(logits, seqs, eos_token_ids)
@@ -104,6 +108,12 @@ def process_logits(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: tu
     if any(p.min_p > 0.0 for p in params):
         logits = min_p_mask(logits, torch.tensor([p.min_p for p in params], device=dev))
     return logits
+
+
+def _nothing_to_apply(seq: Sequence) -> bool:
+    p = seq.params
+    return (p.greedy and p.repetition_penalty == 1.0 and not p.presence_penalty and not p.frequency_penalty
+            and not p.logit_bias and seq.num_output_tokens >= p.min_tokens)
 
 
 class Sampler:
