@@ -34,13 +34,18 @@ def _meta(works, tables):
 
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("sliding_window", [None, 7])
-def test_rows_match_the_paged_reference(seed, sliding_window, monkeypatch):
+@pytest.mark.parametrize("budget", [None, 8 * 64])
+def test_rows_match_the_paged_reference(seed, sliding_window, budget, monkeypatch):
+    """With a budget (in row positions), steps needing more attend the blocks and every row is
+    released; the next steps that fit refill them."""
     monkeypatch.setattr(kv_rows, "MIN_ROWS", 2)  # grow rows and capacity several times
     monkeypatch.setattr(kv_rows, "MIN_CAPACITY", 8)
     rng = random.Random(seed)
     torch.manual_seed(seed)
     paged = [(torch.zeros(NUM_BLOCKS, BLOCK, HKV, D), torch.zeros(NUM_BLOCKS, BLOCK, HKV, D)) for _ in range(LAYERS)]
-    rows = KVRows(LAYERS, HKV, D, max_rows=12, max_len=200, dtype=torch.float32, device=torch.device("cpu"))
+    rows = KVRows(LAYERS, HKV, D, max_rows=12, max_len=200, dtype=torch.float32, device=torch.device("cpu"),
+                  budget_bytes=None if budget is None else budget * 2 * LAYERS * HKV * D * 4)
+    paged_steps = rows_steps = 0
     free_blocks = list(range(NUM_BLOCKS))
     rng.shuffle(free_blocks)
     seqs: dict[int, dict] = {}  # id -> {"computed", "target", "table", "poison"}
@@ -73,6 +78,8 @@ def test_rows_match_the_paged_reference(seed, sliding_window, monkeypatch):
         meta_rows = _meta(works, tables)
         meta_rows.rows = rows.prepare([w[0] for w in works], [w[1] for w in works], [w[2] for w in works],
                                       [tables[w[0]] for w in works], BLOCK, paged)
+        paged_steps += meta_rows.rows is None
+        rows_steps += meta_rows.rows is not None
         total = sum(n for _, _, n in works)
         poison_rows = torch.tensor([seqs[s]["poison"] for s, _, n in works for _ in range(n)])
         for layer in range(LAYERS):
@@ -82,8 +89,11 @@ def test_rows_match_the_paged_reference(seed, sliding_window, monkeypatch):
             write_kv_cache(k, v, k_ref, v_ref, meta_ref.slot_mapping)
             expected = paged_attention_ref(q_t, k_ref, v_ref, meta_ref, D**-0.5, sliding_window)
             write_kv_cache(k, v, *paged[layer], meta_rows.slot_mapping)
-            write_rows(k, v, *rows.layer(layer), meta_rows.rows)
-            got = rows_attention(q_t, *rows.layer(layer), meta_rows.rows, D**-0.5, sliding_window)
+            if meta_rows.rows is None:  # over the budget: what dispatch.attention does then
+                got = paged_attention_ref(q_t, *paged[layer], meta_rows, D**-0.5, sliding_window)
+            else:
+                write_rows(k, v, *rows.layer(layer), meta_rows.rows)
+                got = rows_attention(q_t, *rows.layer(layer), meta_rows.rows, D**-0.5, sliding_window)
             torch.testing.assert_close(paged[layer][0], k_ref, rtol=0, atol=0, equal_nan=True)
             clean = ~poison_rows
             assert torch.isfinite(got[clean]).all(), f"step {step}: NaN reached a clean sequence"
@@ -96,4 +106,8 @@ def test_rows_match_the_paged_reference(seed, sliding_window, monkeypatch):
                 free_blocks += q["table"]  # its blocks (NaN ones included) go to later sequences
                 del seqs[s]
         relayouts = rows.relayouts
-    assert checked > 500 and relayouts > 0 and rows.rows > 2 and rows.capacity > 8
+    assert checked > 500 and rows_steps > 5 and rows.rows > 2 and rows.capacity > 8
+    if budget is None:
+        assert relayouts > 0 and paged_steps == 0
+    else:
+        assert paged_steps > 0 and rows.rows * rows.capacity <= budget

@@ -50,6 +50,7 @@ class ModelRunner:
         self.block_size = cache_config.block_size
         self.max_num_batched_tokens = max_num_batched_tokens
         self.block_tables: dict[int, list[int]] = {}
+        self.rows: KVRows | None = None
         self.num_blocks = self._decide_num_blocks()
         self.kv_caches = self._allocate_kv_cache(self.num_blocks)
         self.rows = self._make_rows(max_num_seqs)
@@ -136,8 +137,10 @@ class ModelRunner:
         if not self.cache_config.contiguous_rows or dispatch.uses_triton(self.device):
             return None
         attn = self.model.model.layers[0].self_attn.attn
+        # The rows may take as much memory as the paged cache; a step needing more attends the blocks.
         return KVRows(self.model_config.num_hidden_layers, attn.num_kv_heads, attn.head_dim, max_num_seqs,
-                      self.model_config.max_position_embeddings, self.model_config.dtype, self.device)
+                      self.model_config.max_position_embeddings, self.model_config.dtype, self.device,
+                      budget_bytes=self.num_blocks * self.cache_block_bytes)
 
     # --- inputs -------------------------------------------------------------------------------
     def forget_block_tables(self) -> None:
@@ -182,6 +185,11 @@ class ModelRunner:
         if self.rows is not None:  # attention reads the rows: no block table tensor to build
             rows = self.rows.prepare([s.seq_id for s in plan.seqs], [s.num_computed_tokens for s in plan.seqs],
                                      [len(s.token_ids) for s in plan.seqs], tables, bs, self.kv_caches)
+            if rows is None and self.rows.over_budget_steps == 1 and self.tp.is_first:
+                logger.warning("contiguous K/V rows: a step needs more than their budget (%.1f MiB, the KV "
+                               "cache's size); such steps gather the KV blocks instead",
+                               self.rows.budget_bytes / 2**20)
+        if rows is not None:
             table_tensor = torch.zeros(len(tables), 0, dtype=torch.int32)
         else:
             max_blocks = max(len(t) for t in tables)

@@ -119,9 +119,12 @@ class KVRows:
     """The rows of one runner (every layer), grown on demand up to `max_rows` x `max_len`."""
 
     def __init__(self, num_layers: int, num_kv_heads: int, head_dim: int, max_rows: int, max_len: int,
-                 dtype: torch.dtype, device: torch.device) -> None:
+                 dtype: torch.dtype, device: torch.device, budget_bytes: int | None = None) -> None:
         self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
         self.max_rows, self.max_len, self.dtype, self.device = max_rows, max_len, dtype, device
+        self.budget_bytes = budget_bytes  # None: no limit
+        self.position_bytes = 2 * num_layers * num_kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
+        self.over_budget_steps = 0
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
         self.rows = self.capacity = 0
@@ -138,12 +141,20 @@ class KVRows:
         return self.k[i], self.v[i]
 
     # --- storage ----------------------------------------------------------------------------
-    def _grow(self, rows: int, length: int) -> None:
+    def _fits(self, rows: int, capacity: int) -> bool:
+        return self.budget_bytes is None or rows * capacity * self.position_bytes <= self.budget_bytes
+
+    def _grow(self, rows: int, length: int) -> bool:
+        """Make room for `rows` rows of `length` positions; False when that exceeds the budget."""
         if rows <= self.rows and length <= self.capacity:
-            return
+            return True
         new_rows = min(self.max_rows, max(rows, MIN_ROWS, 2 * self.rows if rows > self.rows else self.rows))
         new_cap = min(self.max_len, max(length, MIN_CAPACITY, 2 * self.capacity if length > self.capacity
                                         else self.capacity))
+        if not self._fits(new_rows, new_cap):  # no headroom: exactly what is needed, if that fits
+            new_rows, new_cap = max(rows, self.rows), max(length, self.capacity)
+            if not self._fits(new_rows, new_cap):
+                return False
         shape = (new_rows, self.num_kv_heads, new_cap, self.head_dim)
         first = not self.k
         for store in (self.k, self.v):
@@ -156,6 +167,11 @@ class KVRows:
                     store[i] = fresh
         self.dirty += [0] * (new_rows - self.rows)
         self.rows, self.capacity = new_rows, new_cap
+        return True
+
+    def _forget(self) -> None:
+        """Release every row (their sequences refill from the blocks when they next fit)."""
+        self.layout, self.valid = [], {}
 
     def _zero(self, row: int, start: int) -> None:
         """Zero `row` from `start` up to what a previous owner may have left there."""
@@ -167,10 +183,11 @@ class KVRows:
     # --- per step ---------------------------------------------------------------------------
     def prepare(self, seq_ids: list[int], num_computed: list[int], num_new: list[int],
                 tables: list[list[int]], block_size: int,
-                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> RowsStep:
+                kv_caches: list[tuple[torch.Tensor, torch.Tensor]]) -> RowsStep | None:
         """Give every sequence of the step a row holding its first `num_computed` positions (copying
         from the blocks what the row lacks), re-lay rows out when that pays, and build the step's
-        write index and buckets."""
+        write index and buckets. None when the rows this step needs exceed the memory budget: the
+        step then attends the blocks (paged_attention_ref) and every row is released."""
         present = set(seq_ids)
         for r, s in enumerate(self.layout):
             if s is not None and s not in present:  # absent from this step: its row is released
@@ -180,7 +197,10 @@ class KVRows:
             self.layout.pop()
         seq_len = {s: c + n for s, c, n in zip(seq_ids, num_computed, num_new)}
         kind = dict(zip(seq_ids, num_new))
-        self._grow(len(seq_ids), max(seq_len.values()))
+        if not self._grow(len(seq_ids), max(seq_len.values())):
+            self._forget()
+            self.over_budget_steps += 1
+            return None
         joining = [s for s in seq_ids if s not in self.valid]
         free = [r for r, s in enumerate(self.layout) if s is None]
         for s in joining:
@@ -189,7 +209,8 @@ class KVRows:
                 self.layout.append(None)
             self.layout[r] = s
             self.valid[s] = 0
-        self._grow(len(self.layout), 0)
+        if not self._grow(len(self.layout), 0):  # holes put joiners past the budget: start afresh
+            self.layout, self.valid = list(seq_ids), dict.fromkeys(seq_ids, 0)
         self._maybe_relayout(seq_ids, kind, seq_len)
         row_of = {s: r for r, s in enumerate(self.layout) if s is not None}
         for s, c, table in zip(seq_ids, num_computed, tables):
