@@ -221,7 +221,7 @@ class ModelRunner:
             self.apply_block_diffs(plan)
             return None
         ids, pos, meta, logits_idx = self.prepare(plan)
-        caches = self.kv_caches if self.rows is None else [
+        caches = self.kv_caches if meta.rows is None else [
             (k, v, *self.rows.layer(i)) for i, (k, v) in enumerate(self.kv_caches)]
         hidden = self.model(ids, pos, caches, meta)
         logits = self.model.compute_logits(hidden[logits_idx])
