@@ -185,3 +185,20 @@ def test_a_scoring_request_whose_logits_turn_nonfinite_fails_and_caches_nothing(
     finally:
         assert served.stop() == 0
     assert served.engine.leftovers() == {}
+
+
+def test_mark_nonfinite_finds_nan_and_infinity_rows_but_not_a_sum_that_overflows():
+    from types import SimpleNamespace
+
+    from tpserve.engine.engine import mark_nonfinite
+
+    items = [SimpleNamespace(num_logit_rows=n, nonfinite=False) for n in (1, 2, 1, 1)]
+    logits = torch.zeros(5, 16)
+    logits[0, :] = 3e38  # finite, but their sum overflows to inf
+    logits[2, 3] = float("inf")  # item 1's second row
+    logits[4, 0] = float("nan")  # item 3
+    logits[3, 5] = -3e38
+    failed = mark_nonfinite(SimpleNamespace(scheduled=items), logits)
+    assert failed == [items[1], items[3]] and [i.nonfinite for i in items] == [False, True, False, True]
+    clean = [SimpleNamespace(num_logit_rows=1, nonfinite=False) for _ in range(2)]
+    assert mark_nonfinite(SimpleNamespace(scheduled=clean), torch.full((2, 16), 3e38)) == []

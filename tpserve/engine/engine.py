@@ -277,8 +277,12 @@ def mark_nonfinite(batch: SchedulerOutput, logits) -> list[ScheduledSeq]:
     request with a masked-out token has -inf only after sampling's processing, not here)."""
     if logits is None or not len(logits):
         return []
-    # NaN propagates through max and min, and an infinity shows in one of them: two [rows] reductions
-    # instead of a [rows, V] mask.
+    # A NaN or an infinity makes its row's sum non-finite: one [rows] reduction instead of a
+    # [rows, V] mask. Only rows whose sum is not finite are checked exactly (NaN propagates through
+    # max and min, an infinity shows in one of them), since finite logits might overflow a sum.
+    finite = torch.isfinite(logits.sum(dim=-1))
+    if bool(finite.all()):
+        return []
     finite = torch.isfinite(logits.amax(dim=-1)) & torch.isfinite(logits.amin(dim=-1))
     if bool(finite.all()):
         return []
