@@ -21,6 +21,7 @@ from tpserve.weights import load_weights
 logger = logging.getLogger(__name__)
 
 DEFAULT_CPU_CACHE_BYTES = 512 * 2**20
+MIN_ROWS_BUDGET_BYTES = 256 * 2**20
 
 
 class ModelRunner:
@@ -137,10 +138,12 @@ class ModelRunner:
         if not self.cache_config.contiguous_rows or dispatch.uses_triton(self.device):
             return None
         attn = self.model.model.layers[0].self_attn.attn
-        # The rows may take as much memory as the paged cache; a step needing more attends the blocks.
+        # Rows pad every sequence to the longest, so they may take twice the paged cache (at least
+        # MIN_ROWS_BUDGET_BYTES); a step needing more attends the blocks.
+        budget = max(2 * self.num_blocks * self.cache_block_bytes, MIN_ROWS_BUDGET_BYTES)
         return KVRows(self.model_config.num_hidden_layers, attn.num_kv_heads, attn.head_dim, max_num_seqs,
                       self.model_config.max_position_embeddings, self.model_config.dtype, self.device,
-                      budget_bytes=self.num_blocks * self.cache_block_bytes)
+                      budget_bytes=budget)
 
     # --- inputs -------------------------------------------------------------------------------
     def forget_block_tables(self) -> None:
@@ -186,8 +189,8 @@ class ModelRunner:
             rows = self.rows.prepare([s.seq_id for s in plan.seqs], [s.num_computed_tokens for s in plan.seqs],
                                      [len(s.token_ids) for s in plan.seqs], tables, bs, self.kv_caches)
             if rows is None and self.rows.over_budget_steps == 1 and self.tp.is_first:
-                logger.warning("contiguous K/V rows: a step needs more than their budget (%.1f MiB, the KV "
-                               "cache's size); such steps gather the KV blocks instead",
+                logger.warning("contiguous K/V rows: a step needs more than their budget (%.1f MiB: twice the "
+                               "KV cache, at least 256 MiB); such steps gather the KV blocks instead",
                                self.rows.budget_bytes / 2**20)
         if rows is not None:
             table_tensor = torch.zeros(len(tables), 0, dtype=torch.int32)
