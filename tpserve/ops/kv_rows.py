@@ -209,15 +209,18 @@ class KVRows:
                 self.layout.append(None)
             self.layout[r] = s
             self.valid[s] = 0
+        new_owner = set(joining)
         if not self._grow(len(self.layout), 0):  # holes put joiners past the budget: start afresh
             self.layout, self.valid = list(seq_ids), dict.fromkeys(seq_ids, 0)
-        self._maybe_relayout(seq_ids, kind, seq_len)
+            new_owner = set(seq_ids)
+        new_owner |= self._maybe_relayout(seq_ids, kind, seq_len)
         row_of = {s: r for r, s in enumerate(self.layout) if s is not None}
         for s, c, table in zip(seq_ids, num_computed, tables):
             r = row_of[s]
             if self.valid[s] < c:
                 self._fill(r, self.valid[s], c, table, block_size, kv_caches)
-            self._zero(r, seq_len[s])  # past the context: nothing a previous owner left
+            if s in new_owner:  # past its context, nothing another sequence left (its own stale
+                self._zero(r, seq_len[s])  # positions, e.g. rejected proposals, only it reads)
             self.valid[s] = seq_len[s]
         return self._step(seq_ids, num_computed, num_new, row_of, seq_len, kind)
 
@@ -232,20 +235,21 @@ class KVRows:
             self.v[i][row, :, start:end] = flat_v[slots].transpose(0, 1)
         self.dirty[row] = max(self.dirty[row], end)
 
-    def _maybe_relayout(self, seq_ids: list[int], kind: dict[int, int], seq_len: dict[int, int]) -> None:
+    def _maybe_relayout(self, seq_ids: list[int], kind: dict[int, int], seq_len: dict[int, int]) -> set[int]:
         """Move rows into the sorted layout (short sequences grouped by query count, each group by
         context length, longest first; then the long ones) when that pays: when the padded
-        positions it saves over RELAYOUT_HORIZON steps exceed the positions it copies."""
+        positions it saves over RELAYOUT_HORIZON steps exceed the positions it copies. Returns the
+        sequences moved."""
         target = sorted(seq_ids, key=lambda s: (kind[s] > SHORT_QUERY_LEN, kind[s], -seq_len[s], s))
         current = self.layout
         if current[: len(target)] == target:
-            return
+            return set()
         old_row = {s: r for r, s in enumerate(current) if s is not None}
         moves = [(old_row[s], r) for r, s in enumerate(target) if old_row[s] != r]
         length = max(self.valid[current[a]] for a, _ in moves)
         saved = _cost(current, kind, seq_len) - _cost(target, kind, seq_len)
         if saved * RELAYOUT_HORIZON <= COPY_COST * len(moves) * length:
-            return
+            return set()
         if length:
             src = torch.tensor([a for a, _ in moves])
             dst = torch.tensor([b for _, b in moves])
@@ -255,6 +259,7 @@ class KVRows:
                 self.dirty[b] = max(self.dirty[b], length)
         self.layout = list(target)
         self.relayouts += 1
+        return {target[b] for _, b in moves}
 
     def _step(self, seq_ids, num_computed, num_new, row_of, seq_len, kind) -> RowsStep:
         heads, cap, dev = self.num_kv_heads, self.capacity, self.device
