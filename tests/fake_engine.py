@@ -36,6 +36,7 @@ class WorkerTables:
 
     def __init__(self) -> None:
         self.block_tables: dict[int, list[int]] = {}
+        self.rows = None  # no contiguous K/V rows on a fake rank
 
     apply_block_diffs = ModelRunner.apply_block_diffs
 

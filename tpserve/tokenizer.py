@@ -29,15 +29,50 @@ def has_tokenizer(model_dir: str | Path) -> bool:
 
 
 def load_tokenizer(model_dir: str | Path):
-    """The tokenizer of `model_dir` (FastTokenizer when it has a tokenizer.json, else transformers'
-    AutoTokenizer), or None when the directory has none."""
+    """The tokenizer of `model_dir`, or None when the directory has none: FastTokenizer when
+    transformers would run its tokenizer.json as written (runs_as_written), else transformers'
+    AutoTokenizer."""
     if not has_tokenizer(model_dir):
         return None
-    if (Path(model_dir) / "tokenizer.json").is_file() and os.environ.get("TPSERVE_TOKENIZER", "fast") != "hf":
+    if os.environ.get("TPSERVE_TOKENIZER", "fast") != "hf" and runs_as_written(model_dir):
         return FastTokenizer(model_dir)
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(str(model_dir))
+
+
+# Classes transformers 5 builds from tokenizer.json unchanged.
+GENERIC_CLASSES = (None, "PreTrainedTokenizerFast", "TokenizersBackend")
+
+
+def runs_as_written(model_dir: str | Path) -> bool:
+    """Whether transformers 5 would tokenize with `model_dir`'s tokenizer.json unchanged. Generic
+    classes do. A Llama tokenizer keeps the file's vocabulary, merges and post-processor but builds
+    its own normalizer (none), Metaspace pre-tokenizer and decoder from add_prefix_space and
+    legacy: the file runs as written only when it already holds exactly those. Other model-specific
+    classes are not assumed to."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "tokenizer.json").is_file():
+        return False
+    config_file = model_dir / "tokenizer_config.json"
+    config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+    cls = config.get("tokenizer_class")
+    if cls in GENERIC_CLASSES:
+        return True
+    if cls not in ("LlamaTokenizer", "LlamaTokenizerFast"):
+        return False
+    spec = json.loads((model_dir / "tokenizer.json").read_text())
+    prefix_space = config.get("add_prefix_space")
+    prefix_space = True if prefix_space is None else prefix_space
+    scheme = ("first" if not config.get("legacy", False) else "always") if prefix_space else "never"
+    decoders = [{"type": "Replace", "pattern": {"String": "\u2581"}, "content": " "}, {"type": "ByteFallback"},
+                {"type": "Fuse"}]
+    if prefix_space:
+        decoders.append({"type": "Strip", "content": " ", "start": 1, "stop": 0})
+    return (spec.get("normalizer") is None
+            and spec.get("pre_tokenizer") == {"type": "Metaspace", "replacement": "\u2581", "prepend_scheme": scheme,
+                                              "split": False}
+            and spec.get("decoder") == {"type": "Sequence", "decoders": decoders})
 
 
 def _token_text(value) -> str | None:
@@ -72,7 +107,10 @@ class FastTokenizer:
         self.clean_up_tokenization_spaces = bool(config.get("clean_up_tokenization_spaces", False)) and (
             not bpe or force)
         template_file = model_dir / "chat_template.jinja"
-        self.chat_template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+        template = template_file.read_text() if template_file.is_file() else config.get("chat_template")
+        if isinstance(template, list):  # named templates: [{"name": ..., "template": ...}]
+            template = {t["name"]: t["template"] for t in template}
+        self.chat_template = template
         # BOS/EOS come from tokenizer.json's post-processor, as in transformers 5 (which no longer
         # rebuilds it from tokenizer_config.json's add_bos_token / add_eos_token)
         self.all_special_ids = sorted({i for i in (self._tok.token_to_id(t) for t in self.special_tokens.values() if t)
@@ -106,10 +144,13 @@ class FastTokenizer:
         """Render `messages` with the template (a Jinja sandbox with transformers' settings and
         helpers) and, with tokenize, encode the text without adding special tokens."""
         template = chat_template or self.chat_template
+        if isinstance(template, dict):  # named templates, chosen as transformers does
+            template = template.get("tool_use") if tools and "tool_use" in template else template.get("default")
         if template is None:
             raise ValueError("this tokenizer has no chat template and none was given")
+        special = {name: text for name, text in self.special_tokens.items() if text is not None}
         text = _compile(template).render(messages=messages, add_generation_prompt=add_generation_prompt, tools=tools,
-                                         documents=documents, **{**self.special_tokens, **kwargs})
+                                         documents=documents, **{**special, **kwargs})
         if not tokenize:
             return text
         ids = self.encode(text, add_special_tokens=False)

@@ -25,7 +25,13 @@ VARIANTS = {
     "cleanup": {"clean_up_tokenization_spaces": True, "chat_template": CHAT},
     "forced_cleanup": {"clean_up_tokenization_spaces": True,
                        "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output": True},
+    # transformers would rebuild this Llama tokenizer's pre-tokenizer (prepend "first", not the
+    # file's "never"): load_tokenizer must hand it to transformers
+    "prefix_space": {"add_prefix_space": True},
+    "named_templates": {"chat_template": [{"name": "default", "template": CHAT},
+                                          {"name": "tool_use", "template": "{{ tools | length }}" + CHAT}]},
 }
+RUNS_AS_WRITTEN = {"bundled", "eos_too", "no_bos", "cleanup", "forced_cleanup", "named_templates"}
 TEXT = st.text(st.characters(codec="utf-8", exclude_categories=("Cs",)), max_size=80) | st.sampled_from(
     ["def add(a, b):\n    return a + b", "  leading spaces", "<s> in text </s>", "tabs\tand\nnewlines\r\n",
      "héllo wörld ☃ 日本", "", " ", "don't stop , ok ."])
@@ -45,7 +51,9 @@ def pair(request, tmp_path_factory):
     config = json.loads((out / "tokenizer_config.json").read_text())
     config.update(VARIANTS[request.param])
     (out / "tokenizer_config.json").write_text(json.dumps(config))
-    return FastTokenizer(out), AutoTokenizer.from_pretrained(str(out))
+    mine = load_tokenizer(out)
+    assert isinstance(mine, FastTokenizer) == (request.param in RUNS_AS_WRITTEN), request.param
+    return mine, AutoTokenizer.from_pretrained(str(out))
 
 
 def test_load_tokenizer_picks_the_fast_one_and_hf_on_request(monkeypatch):
@@ -79,19 +87,30 @@ def test_decode_and_tokens_match(pair, ids, skip):
 def test_chat_template_matches(pair, contents, generation):
     fast, hf = pair
     messages = [{"role": ["system", "user", "assistant"][i % 3], "content": c} for i, c in enumerate(contents)]
-    for template in (CHAT, None) if fast.chat_template else (CHAT,):
+    for template in (CHAT, None) if getattr(fast, "chat_template", None) else (CHAT,):
         got = fast.apply_chat_template(messages, chat_template=template, tokenize=True,
                                        add_generation_prompt=generation, return_dict=False)
         want = hf.apply_chat_template(messages, chat_template=template, tokenize=True,
                                       add_generation_prompt=generation, return_dict=False)
         assert got == list(want)
+        if template is None and isinstance(fast.chat_template, dict):  # the tool_use one, with tools
+            tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+            assert fast.apply_chat_template(messages, tools=tools, tokenize=False) == \
+                hf.apply_chat_template(messages, tools=tools, tokenize=False)
         assert fast.apply_chat_template(messages, chat_template=template, tokenize=False,
                                         add_generation_prompt=generation) == \
             hf.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=generation)
 
 
-def test_a_template_error_is_raised_as_hf_does(pair):
-    fast, _ = pair
+def test_an_unset_special_token_is_undefined_in_templates():
+    fast = FastTokenizer(DEFAULT_MODEL_DIR)
+    assert fast.pad_token is None
+    template = "{{ pad_token is defined }}|{{ bos_token }}"
+    assert fast.apply_chat_template([], chat_template=template, tokenize=False) == "False|<s>"
+
+
+def test_a_template_error_is_raised_as_hf_does():
+    fast = FastTokenizer(DEFAULT_MODEL_DIR)
     from jinja2.exceptions import TemplateError
 
     with pytest.raises(TemplateError, match="no tools"):

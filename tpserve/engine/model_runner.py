@@ -154,6 +154,8 @@ class ModelRunner:
         """Bring this rank's copy of every block table up to date with rank 0's."""
         for seq_id in plan.finished:
             self.block_tables.pop(seq_id, None)
+            if self.rows is not None:  # its row may not outlive its blocks (plans without sequences too)
+                self.rows.release(seq_id)
         for seq in plan.seqs:
             if seq.block_table is not None:
                 self.block_tables[seq.seq_id] = list(seq.block_table)

@@ -64,7 +64,8 @@ def add_engine_args(parser: argparse.ArgumentParser) -> None:
                    help="fraction of GPU memory for weights, activations and KV cache")
     g.add_argument("--no-contiguous-rows", dest="contiguous_rows", action="store_false",
                    help="CPU: attend by gathering the paged blocks each layer instead of reading per-sequence "
-                        "contiguous K/V rows (the rows cost up to max-num-seqs x the longest context of memory)")
+                        "contiguous K/V rows (the rows take up to twice the KV cache's memory, at least 256 MiB, "
+                        "beside it; a step needing more gathers the blocks)")
     g.add_argument("--max-num-seqs", type=int, default=256, help="most sequences in one step")
     g.add_argument("--max-num-batched-tokens", type=int, default=2048, help="token budget per step")
     g.add_argument("--max-model-len", type=int, default=None, help="default: the model's max positions")

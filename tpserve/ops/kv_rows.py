@@ -59,19 +59,26 @@ class RowsStep:
     write_index: torch.Tensor  # [T * Hkv] flat index into k.view(-1, D) for each new (token, head)
     buckets: list[RowBucket]
     long_seqs: list[tuple[int, int, int, int]]  # (row, first query row, end query row, context length)
-    masks: dict = field(default_factory=dict, repr=False)  # (bucket, sliding window) -> [S, 1, Q, L]
+    masks: dict = field(default_factory=dict, repr=False)  # per bucket and sliding window (and groups)
 
-    def mask(self, i: int, sliding_window: int | None, groups: int) -> torch.Tensor:
+    def allowed(self, i: int, sliding_window: int | None) -> torch.Tensor:
+        """Bucket i's boolean mask [S, 1, Q, length]: where each query may attend."""
+        key = (i, sliding_window)
+        if key not in self.masks:
+            b = self.buckets[i]
+            k_pos = torch.arange(b.length, device=b.q_pos.device)
+            self.masks[key] = _allowed(b.q_pos, k_pos, sliding_window)[:, None]
+        return self.masks[key]
+
+    def additive(self, i: int, sliding_window: int | None, groups: int) -> torch.Tensor:
         """Bucket i's additive mask [S, 1, groups * Q, length]: 0 where a query may attend, -inf
         elsewhere; rows ordered (query head within its KV group, query)."""
         key = (i, sliding_window, groups)
         if key not in self.masks:
-            b = self.buckets[i]
-            k_pos = torch.arange(b.length, device=b.q_pos.device)
-            allowed = _allowed(b.q_pos, k_pos, sliding_window)  # [S, Q, L]
-            s, q, n = allowed.shape
+            allowed = self.allowed(i, sliding_window)  # [S, 1, Q, L]
+            s, _, q, n = allowed.shape
             add = torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, float("-inf"))
-            self.masks[key] = add[:, None, None].expand(s, 1, groups, q, n).reshape(s, 1, groups * q, n)
+            self.masks[key] = add[:, :, None].expand(s, 1, groups, q, n).reshape(s, 1, groups * q, n)
         return self.masks[key]
 
 
@@ -89,7 +96,7 @@ def _split(lengths: list[int]) -> list[tuple[int, int]]:
     return best
 
 
-def _segments(layout: list[int | None], kind: dict[int, int], seq_len: dict[int, int]):
+def _segments(layout: list[int | None], kind: dict[int, int]):
     """Maximal runs of adjacent rows whose sequences attend with the same query count: (query
     count, first row, [sequence per row])."""
     out, i = [], 0
@@ -108,7 +115,7 @@ def _segments(layout: list[int | None], kind: dict[int, int], seq_len: dict[int,
 
 def _cost(layout: list[int | None], kind: dict[int, int], seq_len: dict[int, int]) -> int:
     total = 0
-    for _, _, seqs in _segments(layout, kind, seq_len):
+    for _, _, seqs in _segments(layout, kind):
         lengths = [seq_len[s] for s in seqs]
         runs = _split(lengths)
         total += sum((b - a) * max(lengths[a:b]) for a, b in runs) + len(runs) * BUCKET_COST_POSITIONS
@@ -132,10 +139,6 @@ class KVRows:
         self.valid: dict[int, int] = {}  # sequence id -> context positions its row holds
         self.dirty: list[int] = []  # per row: positions that may hold a previous owner's values
         self.relayouts = 0
-
-    @property
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
     def layer(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         return self.k[i], self.v[i]
@@ -173,6 +176,11 @@ class KVRows:
         """Release every row (their sequences refill from the blocks when they next fit)."""
         self.layout, self.valid = [], {}
 
+    def release(self, seq_id: int) -> None:
+        """The sequence left (finished, preempted, handed over): its row is free."""
+        if self.valid.pop(seq_id, None) is not None:
+            self.layout[self.layout.index(seq_id)] = None
+
     def _zero(self, row: int, start: int) -> None:
         """Zero `row` from `start` up to what a previous owner may have left there."""
         if self.dirty[row] > start:
@@ -198,9 +206,12 @@ class KVRows:
         seq_len = {s: c + n for s, c, n in zip(seq_ids, num_computed, num_new)}
         kind = dict(zip(seq_ids, num_new))
         if not self._grow(len(seq_ids), max(seq_len.values())):
-            self._forget()
-            self.over_budget_steps += 1
-            return None
+            self._forget()  # every row is released: storage of exactly this step's shape, if that fits
+            if not self._fits(len(seq_ids), max(seq_len.values())):
+                self.over_budget_steps += 1
+                return None
+            self.k, self.v, self.dirty, self.rows, self.capacity = [], [], [], 0, 0
+            self._grow(len(seq_ids), max(seq_len.values()))
         joining = [s for s in seq_ids if s not in self.valid]
         free = [r for r, s in enumerate(self.layout) if s is None]
         for s in joining:
@@ -273,7 +284,7 @@ class KVRows:
         pos_t = torch.tensor(token_pos, dtype=torch.long)
         write_index = ((rows_t[:, None] * heads + torch.arange(heads)[None, :]) * cap + pos_t[:, None]).reshape(-1)
         buckets = []
-        for n, start, seqs in _segments(self.layout, kind, seq_len):
+        for n, start, seqs in _segments(self.layout, kind):
             lengths = [seq_len[s] for s in seqs]
             for a, b in _split(lengths):
                 members = seqs[a:b]
@@ -299,21 +310,30 @@ def rows_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, 
     """paged_attention_ref's result (packed q [T, H, D] -> [T, H, D]) read from the rows, whose
     contexts already include the new tokens.
 
-    A bucket is two batched matmuls over views of its rows, with each KV head's G = H / Hkv query
-    heads (times Q queries) as the rows of one matrix, so K/V are read once per KV head and never
-    copied (on this CPU 1.5-2x faster than the fused attention call for decode shapes). A long
-    (prefill) sequence takes one fused call over its row."""
+    In float32 a bucket is two batched matmuls over views of its rows, with each KV head's
+    G = H / Hkv query heads (times Q queries) as the rows of one matrix, so K/V are read once per
+    KV head and never copied (on this CPU 1.5-2x faster than the fused attention call for decode
+    shapes). In lower precision it is the fused call over the same views, which accumulates the
+    scores in float32 as the reference does. A long (prefill) sequence takes one fused call over
+    its row."""
     num_tokens, num_heads, head_dim = q.shape
     num_kv = k_rows.shape[1]
     groups = num_heads // num_kv
     out = torch.empty_like(q)
     for i, b in enumerate(step.buckets):
         s, n = b.stop - b.start, b.num_queries
+        keys, values = k_rows[b.start : b.stop, :, : b.length], v_rows[b.start : b.stop, :, : b.length]
+        if q.dtype != torch.float32:
+            o = F.scaled_dot_product_attention(
+                q[b.token_rows].view(s, n, num_heads, head_dim).transpose(1, 2), keys, values,
+                attn_mask=step.allowed(i, sliding_window), scale=scale, enable_gqa=groups > 1)
+            out[b.token_rows] = o.transpose(1, 2).reshape(s * n, num_heads, head_dim)
+            continue
         q_b = q[b.token_rows].view(s, n, num_kv, groups, head_dim)  # head h = kv head * groups + g
         q_b = q_b.view(s, num_kv, groups, head_dim) if n == 1 else \
             q_b.permute(0, 2, 3, 1, 4).reshape(s, num_kv, groups * n, head_dim)
-        keys, values = k_rows[b.start : b.stop, :, : b.length], v_rows[b.start : b.stop, :, : b.length]
-        scores = torch.matmul(q_b, keys.transpose(-1, -2)).mul_(scale).add_(step.mask(i, sliding_window, groups))
+        scores = torch.matmul(q_b, keys.transpose(-1, -2)).mul_(scale).add_(
+            step.additive(i, sliding_window, groups))
         o = torch.matmul(torch.softmax(scores, dim=-1), values)  # [S, Hkv, G * Q, D]
         if n == 1:
             out[b.token_rows] = o.view(s, num_heads, head_dim)
