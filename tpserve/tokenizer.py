@@ -97,7 +97,8 @@ class FastTokenizer:
         config = json.loads(config_file.read_text()) if config_file.is_file() else {}
         special_map_file = model_dir / "special_tokens_map.json"
         special_map = json.loads(special_map_file.read_text()) if special_map_file.is_file() else {}
-        self.special_tokens = {name: _token_text(config.get(name, special_map.get(name))) for name in SPECIAL_TOKEN_NAMES}
+        self.special_tokens = {name: _token_text(config.get(name, special_map.get(name)))
+                               for name in SPECIAL_TOKEN_NAMES}
         for name, text in self.special_tokens.items():
             setattr(self, name, text)
         # transformers 5 ignores clean_up_tokenization_spaces for BPE models (it would strip spaces
@@ -127,7 +128,9 @@ class FastTokenizer:
         if isinstance(ids, int):
             ids = [ids]
         text = self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
-        clean = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        clean = clean_up_tokenization_spaces
+        if clean is None:
+            clean = self.clean_up_tokenization_spaces
         if clean:
             for before, after in CLEAN_UP:
                 text = text.replace(before, after)
@@ -175,7 +178,8 @@ def _compile(template: str):
             return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                               sort_keys=sort_keys)
 
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.filters["tojson"] = tojson
         env.globals["raise_exception"] = raise_exception
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -102,21 +102,29 @@ BUCKET_COST_POSITIONS = 1024
 MAX_BUCKETS = 4
 
 
+def equal_count_runs(lengths: list[int]) -> list[tuple[int, int]]:
+    """Contiguous [a, b) runs of `lengths` (in the given order), at most MAX_BUCKETS: of the
+    equal-count splits into 1..MAX_BUCKETS runs, the one with the fewest padded positions (each run
+    padded to its longest) plus BUCKET_COST_POSITIONS per run beyond the first."""
+    n = len(lengths)
+    best, best_cost = [(0, n)], n * max(lengths)
+    for k in range(2, min(MAX_BUCKETS, n) + 1):
+        cuts = [round(j * n / k) for j in range(k + 1)]
+        runs = list(zip(cuts, cuts[1:]))
+        cost = sum((b - a) * max(lengths[a:b]) for a, b in runs) + (k - 1) * BUCKET_COST_POSITIONS
+        if cost < best_cost:
+            best, best_cost = runs, cost
+    return best
+
+
 def _length_buckets(seqs: list[int], seq_lens: list[int]) -> list[list[int]]:
-    """`seqs` split into at most MAX_BUCKETS runs of similar context length: of the equal-count
-    splits of the length-sorted list into 1..MAX_BUCKETS runs, the one with the fewest padded
-    positions plus BUCKET_COST_POSITIONS per run. Each run keeps the sequences' batch order."""
+    """`seqs` split into at most MAX_BUCKETS runs of similar context length: equal_count_runs of
+    the length-sorted list. Each run keeps the sequences' batch order."""
     if len(seqs) < 2:
         return [seqs]
     ordered = sorted(seqs, key=lambda i: seq_lens[i])
-    best, best_cost = [seqs], len(seqs) * max(seq_lens[i] for i in seqs)
-    for k in range(2, min(MAX_BUCKETS, len(seqs)) + 1):
-        cuts = [round(j * len(ordered) / k) for j in range(k + 1)]
-        runs = [ordered[a:b] for a, b in zip(cuts, cuts[1:])]
-        cost = sum(len(r) * seq_lens[r[-1]] for r in runs) + (k - 1) * BUCKET_COST_POSITIONS
-        if cost < best_cost:
-            best, best_cost = [sorted(r) for r in runs], cost
-    return best
+    runs = equal_count_runs([seq_lens[i] for i in ordered])
+    return [sorted(ordered[a:b]) for a, b in runs] if len(runs) > 1 else [seqs]
 
 
 def _short_groups(meta: AttentionMetadata, block_size: int, sliding_window: int | None, device) -> list[_Group]:

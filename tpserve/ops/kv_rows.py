@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tpserve.ops.attention import BUCKET_COST_POSITIONS, MAX_BUCKETS, SHORT_QUERY_LEN, _allowed
+from tpserve.ops.attention import BUCKET_COST_POSITIONS, SHORT_QUERY_LEN, _allowed, _attend, equal_count_runs
 
 # A re-layout copies rows once (every layer, K and V) to save padded attention (every layer) on each
 # later step; it is worth it when the positions saved over RELAYOUT_HORIZON steps exceed those
@@ -82,20 +82,6 @@ class RowsStep:
         return self.masks[key]
 
 
-def _split(lengths: list[int]) -> list[tuple[int, int]]:
-    """Contiguous [a, b) runs of `lengths` (in row order), at most MAX_BUCKETS, from the equal-count
-    splits the one with the fewest padded positions plus BUCKET_COST_POSITIONS per run."""
-    n = len(lengths)
-    best, best_cost = [(0, n)], n * max(lengths)
-    for k in range(2, min(MAX_BUCKETS, n) + 1):
-        cuts = [round(j * n / k) for j in range(k + 1)]
-        runs = list(zip(cuts, cuts[1:]))
-        cost = sum((b - a) * max(lengths[a:b]) for a, b in runs) + (k - 1) * BUCKET_COST_POSITIONS
-        if cost < best_cost:
-            best, best_cost = runs, cost
-    return best
-
-
 def _segments(layout: list[int | None], kind: dict[int, int]):
     """Maximal runs of adjacent rows whose sequences attend with the same query count: (query
     count, first row, [sequence per row])."""
@@ -117,7 +103,7 @@ def _cost(layout: list[int | None], kind: dict[int, int], seq_len: dict[int, int
     total = 0
     for _, _, seqs in _segments(layout, kind):
         lengths = [seq_len[s] for s in seqs]
-        runs = _split(lengths)
+        runs = equal_count_runs(lengths)
         total += sum((b - a) * max(lengths[a:b]) for a, b in runs) + len(runs) * BUCKET_COST_POSITIONS
     return total
 
@@ -286,7 +272,7 @@ class KVRows:
         buckets = []
         for n, start, seqs in _segments(self.layout, kind):
             lengths = [seq_len[s] for s in seqs]
-            for a, b in _split(lengths):
+            for a, b in equal_count_runs(lengths):
                 members = seqs[a:b]
                 length = max(lengths[a:b])
                 lens = torch.tensor(lengths[a:b], dtype=torch.long)
@@ -342,8 +328,6 @@ def rows_attention(q: torch.Tensor, k_rows: torch.Tensor, v_rows: torch.Tensor, 
                 s * n, num_heads, head_dim)
     for row, qs, qe, length in step.long_seqs:
         k_pos = torch.arange(length, device=q.device)
-        allowed = _allowed(k_pos[length - (qe - qs):], k_pos, sliding_window)
-        out[qs:qe] = F.scaled_dot_product_attention(
-            q[qs:qe].transpose(0, 1), k_rows[row, :, :length], v_rows[row, :, :length], attn_mask=allowed,
-            scale=scale, enable_gqa=groups > 1).transpose(0, 1)
+        keys, values = k_rows[row, :, :length].transpose(0, 1), v_rows[row, :, :length].transpose(0, 1)
+        out[qs:qe] = _attend(q[qs:qe], keys, values, k_pos[length - (qe - qs):], k_pos, scale, sliding_window)
     return out
